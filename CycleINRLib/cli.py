@@ -1,0 +1,58 @@
+"""The `cycleinr` command: upsample, snli, evaluate.
+
+Every command turns bad input into one line on stderr and exit code 2; an interrupt or
+SIGTERM (how a GUI cancels) leaves no partial output and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from . import __version__
+from .errors import InputError, UpsampleCancelled
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2) rather than a usage dump."""
+
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import command_upsample
+
+    parser = _ArgumentParser(prog="cycleinr", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cycleinr {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    for module in (command_upsample,):
+        module.register(commands)
+    return parser
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    reporter = args.make_reporter(args)
+    try:
+        return args.run(args, reporter) or 0
+    except InputError as error:
+        reporter.error(str(error))
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, UpsampleCancelled):
+        reporter.error("cancelled; nothing was written")
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

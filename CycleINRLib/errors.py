@@ -1,0 +1,13 @@
+"""Exceptions that the command line and the Slicer module turn into one clear line."""
+
+
+class InputError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2, nothing written."""
+
+
+class WeightsError(InputError):
+    """A weights file that is missing, corrupt, truncated or does not match the model."""
+
+
+class UpsampleCancelled(RuntimeError):
+    """Raised within one tile of a cancel request; no partial result is returned or written."""

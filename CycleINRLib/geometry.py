@@ -1,0 +1,82 @@
+"""The output grid convention, kept in one place so every entry point agrees.
+
+Only the slice axis is upsampled. With input spacing s and N slices along it, and factor r:
+output origin = input origin, output spacing = s / r, output slice count
+M = floor((N - 1) * r + 1e-6) + 1, and output slice j lies at input slice coordinate j / r.
+No slice is extrapolated past the last acquired one; the other axes and the direction
+matrix are unchanged. With integer r, output slices j = k * r coincide with acquired slices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import InputError
+
+MAX_FACTOR = 20.0
+COINCIDENCE_TOLERANCE = 1e-6  # in input-slice units
+
+
+def slice_axis(spacing: tuple[float, ...], axis: int | None = None) -> int:
+    """The ITK index axis (0=i, 1=j, 2=k) to upsample: the coarsest one unless given.
+
+    Ties go to the highest axis, so an isotropic volume is upsampled along k.
+    """
+    if axis is None:
+        largest = max(spacing)
+        return max(a for a, s in enumerate(spacing) if math.isclose(s, largest, rel_tol=1e-6))
+    if axis not in (0, 1, 2):
+        raise InputError(f"slice axis must be auto, 0, 1 or 2, not {axis}")
+    return axis
+
+
+def factor_for_spacing(input_spacing: float, target_spacing: float) -> float:
+    """The factor that turns slice spacing `input_spacing` into `target_spacing`."""
+    if not target_spacing > 0:
+        raise InputError(f"target spacing must be positive, not {target_spacing} mm")
+    if target_spacing >= input_spacing:
+        raise InputError(
+            f"target spacing {target_spacing:g} mm is not smaller than the input's "
+            f"slice spacing {input_spacing:g} mm; nothing to upsample"
+        )
+    return input_spacing / target_spacing
+
+
+def check_factor(factor: float) -> float:
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor)):
+        raise InputError(f"factor must be a number, not {factor!r}")
+    if factor <= 1:
+        raise InputError(f"factor must be greater than 1, not {factor:g}")
+    if factor > MAX_FACTOR:
+        raise InputError(f"factor {factor:g} is larger than the supported maximum {MAX_FACTOR:g}")
+    return float(factor)
+
+
+def output_slice_count(input_slices: int, factor: float) -> int:
+    return int(math.floor((input_slices - 1) * factor + 1e-6)) + 1
+
+
+def output_positions(input_slices: int, factor: float) -> np.ndarray:
+    """Input slice coordinate of every output slice: j / r."""
+    return np.arange(output_slice_count(input_slices, factor), dtype=np.float64) / factor
+
+
+def acquired_slice_matches(input_slices: int, factor: float) -> list[tuple[int, int]]:
+    """(output slice, input slice) pairs whose positions coincide."""
+    positions = output_positions(input_slices, factor)
+    nearest = np.rint(positions)
+    hits = np.abs(positions - nearest) < COINCIDENCE_TOLERANCE
+    return [(int(j), int(k)) for j, k in zip(np.flatnonzero(hits), nearest[hits])]
+
+
+def output_size_and_spacing(
+    size: tuple[int, int, int], spacing: tuple[float, float, float], axis: int, factor: float
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Output size and spacing in ITK order; origin and direction are the input's."""
+    out_size = list(size)
+    out_spacing = list(spacing)
+    out_size[axis] = output_slice_count(size[axis], factor)
+    out_spacing[axis] = spacing[axis] / factor
+    return tuple(out_size), tuple(out_spacing)

@@ -1,0 +1,154 @@
+"""Reading and writing volumes with SimpleITK, with the checks that keep bad input out.
+
+A `Volume` holds the voxels as a numpy array in SimpleITK's order (k, j, i) and the
+geometry in ITK's order (i, j, k): spacing, origin and a row-major 3x3 direction matrix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
+SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (k, j, i), as sitk.GetArrayFromImage returns it
+    spacing: tuple[float, float, float]  # (i, j, k) in mm
+    origin: tuple[float, float, float]  # physical position (LPS) of voxel (0, 0, 0)
+    direction: tuple[float, ...]  # 9 values, row-major, columns are the i, j, k axes
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """Voxel counts in ITK order (i, j, k)."""
+        return tuple(int(n) for n in self.array.shape[::-1])
+
+    def index_to_physical(self, index: np.ndarray) -> np.ndarray:
+        """Map continuous (i, j, k) indices (shape (..., 3)) to physical points."""
+        matrix = np.asarray(self.direction, dtype=float).reshape(3, 3) * np.asarray(self.spacing)
+        return np.asarray(index, dtype=float) @ matrix.T + np.asarray(self.origin)
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(self.array)
+        image.SetSpacing([float(s) for s in self.spacing])
+        image.SetOrigin([float(o) for o in self.origin])
+        image.SetDirection([float(d) for d in self.direction])
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Volume":
+        return cls(
+            array=sitk.GetArrayFromImage(image),
+            spacing=tuple(image.GetSpacing()),
+            origin=tuple(image.GetOrigin()),
+            direction=tuple(image.GetDirection()),
+        )
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder as a validated 3D scalar volume."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"{path}: vector/RGB image with {image.GetNumberOfComponentsPerPixel()} components; a scalar volume is needed")
+    if image.GetDimension() != 3:
+        raise InputError(f"{path}: {image.GetDimension()}D image; a 3D volume is needed")
+    return validate_volume(Volume.from_sitk(image), str(path))
+
+
+def _read_file(path: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
+        raise InputError(f"{path}: cannot be read as an image ({reason[:160]})") from None
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise InputError(f"{folder}: folder holds {len(series)} DICOM series; point to one series")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _check_uniform_dicom_spacing(folder, files)
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"{folder}: DICOM series cannot be read ({str(error).strip()[:160]})") from None
+
+
+def _check_uniform_dicom_spacing(folder: Path, files: tuple[str, ...]) -> None:
+    """Refuse series with gaps or uneven slices: a single spacing would misplace them."""
+    positions = []
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        if not header.HasMetaDataKey("0020|0032"):
+            raise InputError(f"{folder}: DICOM file {Path(name).name} has no Image Position (Patient)")
+        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+    if len(positions) < 2:
+        raise InputError(f"{folder}: DICOM series has {len(positions)} slice; a volume needs several")
+    gaps = np.linalg.norm(np.diff(np.asarray(positions), axis=0), axis=1)
+    if gaps.min() <= 0 or (gaps.max() - gaps.min()) > SLICE_SPACING_TOLERANCE * gaps.mean():
+        raise InputError(
+            f"{folder}: non-uniform slice spacing in DICOM series "
+            f"({gaps.min():.3g} to {gaps.max():.3g} mm); resample it to a uniform grid first"
+        )
+
+
+def validate_volume(volume: Volume, name: str) -> Volume:
+    """Refuse what the model cannot treat as one 3D scalar volume."""
+    array = volume.array
+    if len(volume.spacing) != 3 or array.ndim != 3:
+        raise InputError(f"{name}: {array.ndim}D image; a 3D volume is needed")
+    if min(array.shape) < 2:
+        raise InputError(f"{name}: image of size {volume.size} is 2D (a single slice); a 3D volume is needed")
+    if np.iscomplexobj(array) or array.dtype == bool:
+        raise InputError(f"{name}: pixel type {array.dtype} is not supported")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"{name}: volume contains NaN or infinite voxels")
+    if min(volume.spacing) <= 0:
+        raise InputError(f"{name}: spacing {volume.spacing} is not positive")
+    return volume
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output that exists (without overwrite), a missing folder or an unknown suffix."""
+    path = Path(path)
+    if not str(path).lower().endswith(WRITABLE_SUFFIXES):
+        raise InputError(f"{path}: output must end in one of {', '.join(WRITABLE_SUFFIXES)}")
+    if not path.parent.resolve().is_dir():
+        raise InputError(f"{path}: output folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: output exists; pass --overwrite to replace it")
+    return path
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write atomically: a temporary file in the same folder, renamed only once complete."""
+    path = check_output_path(path, overwrite)
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        sitk.WriteImage(volume.to_sitk(), temporary, useCompression=True)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
