@@ -146,9 +146,17 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
+        _permissions_as_umask(temporary)
         sitk.WriteImage(volume.to_sitk(), temporary, useCompression=True)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _permissions_as_umask(path: str) -> None:
+    """mkstemp creates files readable by the owner only; give the usual rights instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,93 @@
+"""Model and intensity-normalization settings; they travel inside every checkpoint.
+
+`paper` follows the CycleINR paper's implementation details; `light` is a smaller network
+for CPU users and CPU training. Both are the same architecture with other sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Maps stored intensities to the network's range and back.
+
+    kind "window": a fixed interval [low, high] (CT in HU) maps to [0, 1].
+    kind "percentile": the input's own low/high percentiles (MR) map to [0, 1].
+    """
+
+    kind: str = "window"
+    low: float = -1024.0
+    high: float = 3071.0
+
+    def __post_init__(self):
+        if self.kind not in ("window", "percentile"):
+            raise ValueError(f"normalization kind must be window or percentile, not {self.kind!r}")
+        if not self.high > self.low:
+            raise ValueError(f"normalization needs high > low, got {self.low}, {self.high}")
+
+    def bounds(self, array: np.ndarray) -> tuple[float, float]:
+        """The (low, high) intensities that map to 0 and 1 for this input."""
+        if self.kind == "window":
+            return float(self.low), float(self.high)
+        low, high = np.percentile(array, [self.low, self.high])
+        return float(low), float(max(high, low + 1e-6))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder_width: int = 64  # feature channels of the residual CNN
+    encoder_blocks: int = 3  # residual blocks
+    convs_per_block: int = 6  # Conv3d + ReLU layers per block
+    latent_dim: int = 128  # |z|, latent code length per low-resolution voxel
+    attention: bool = True  # local attention mechanism (LAM) over the 3x3x3 neighbourhood
+    decoder_width: int = 256
+    decoder_layers: int = 8  # fully connected layers, each followed by ReLU
+    decoder_skip_layer: int = 4  # the decoder input is concatenated before this layer
+    predict_residual: bool = False  # decode a correction to linear interpolation
+    normalization: Normalization = field(default_factory=Normalization)
+
+    def __post_init__(self):
+        if not 0 < self.decoder_skip_layer < self.decoder_layers:
+            raise ValueError("decoder_skip_layer must lie strictly inside the decoder")
+        if min(self.encoder_width, self.encoder_blocks, self.convs_per_block, self.latent_dim,
+               self.decoder_width, self.decoder_layers) < 1:
+            raise ValueError("model sizes must be positive")
+
+    @property
+    def receptive_radius(self) -> int:
+        """Low-resolution voxels on each side that can change one latent code."""
+        return 1 + self.encoder_blocks * self.convs_per_block
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if isinstance(values.get("normalization"), dict):
+            values["normalization"] = Normalization(**values["normalization"])
+        return cls(**values)
+
+
+NAMED_CONFIGS = {
+    "paper": ModelConfig(),
+    "light": ModelConfig(
+        encoder_width=32,
+        encoder_blocks=2,
+        convs_per_block=3,
+        latent_dim=64,
+        decoder_width=128,
+        decoder_layers=4,
+        decoder_skip_layer=2,
+        predict_residual=True,
+    ),
+}
+DEFAULT_CONFIG = "paper"

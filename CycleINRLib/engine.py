@@ -1,0 +1,268 @@
+"""Memory-bounded, tiled CycleINR inference on the output grid of geometry.py.
+
+Tiles overlap in all three axes and are blended with a Gaussian window (the paper's
+sliding-window inference). Each tile also reads a context margin as wide as the encoder's
+receptive field plus the sampling neighbourhood, so every tile computes exactly what the
+whole-volume network would: the tiled result equals the untiled one to float precision.
+The Gaussian windows are separable and normalised per axis, so blending needs no weight
+volume: peak memory is the input and output arrays plus a per-tile workspace that the
+memory budget bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import geometry
+from .errors import InputError, UpsampleCancelled
+from .io import Volume
+from .models import CycleINR
+from .models.latent_sampling import LatentGrid
+
+DEFAULT_MAX_MEMORY_GB = 6.0
+RUNTIME_BYTES = 600 * 2**20  # Python, torch and the model themselves, counted in the budget
+MIN_CORE = 8  # smallest tile core (low-resolution voxels per axis) worth its context margin
+TILE_OVERLAP = 2  # low-resolution voxels shared by neighbouring tile cores
+GAUSSIAN_SIGMA_FRACTION = 1 / 8  # of the tile size, as in nnU-Net's sliding window
+SAMPLING_MARGIN = 2  # the lerp's upper slice and the attention's +-1 neighbour
+
+
+ProgressCallback = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU. An explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda requested but no CUDA GPU is available to torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device mps requested but Apple MPS is not available to torch")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device must be auto, cpu, cuda or mps, not {name!r}")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a (D, H, W) low-resolution volume is cut: cores, context margin, decode chunks."""
+
+    core: tuple[int, int, int]
+    halo: int
+    slices_per_chunk: int
+    workspace_bytes: int
+
+    def tiles(self, shape: tuple[int, int, int]) -> list[list[tuple[int, int]]]:
+        return [_axis_tiles(length, core) for length, core in zip(shape, self.core)]
+
+
+def _axis_tiles(length: int, core: int) -> list[tuple[int, int]]:
+    """Core intervals [start, stop) covering 0..length-1, neighbours sharing TILE_OVERLAP."""
+    if core >= length:
+        return [(0, length)]
+    starts = list(range(0, length - core, core - TILE_OVERLAP)) + [length - core]
+    return [(start, start + core) for start in starts]
+
+
+def _blend_weights(tiles: list[tuple[int, int]], coordinates: np.ndarray) -> list[np.ndarray]:
+    """Per tile, Gaussian weights over the coordinates it covers, normalised to sum to one."""
+    raw = []
+    for start, stop in tiles:
+        centre, sigma = (start + stop - 1) / 2, max((stop - start) * GAUSSIAN_SIGMA_FRACTION, 0.5)
+        inside = (coordinates >= start) & (coordinates <= stop - 1 + 1e-9)
+        raw.append(np.where(inside, np.exp(-0.5 * ((coordinates - centre) / sigma) ** 2), 0.0))
+    total = np.sum(raw, axis=0)
+    return [(weights / total).astype(np.float32) for weights in raw]
+
+
+def _bytes_per_voxel(model: CycleINR) -> tuple[int, int]:
+    """Workspace bytes per low-resolution voxel (encoder) and per decoded output voxel."""
+    config = model.config
+    encoder = 4 * (4 * config.encoder_width + 4 * config.latent_dim + 4)
+    attention = 8 * config.latent_dim + 60 if config.attention else config.latent_dim
+    decoder = 4 * (attention + 2 * (config.latent_dim + 1) + 3 * config.decoder_width)
+    return encoder, decoder
+
+
+def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, workspace_bytes: int) -> TilePlan:
+    """Largest tiles whose encoder and one decode chunk fit the workspace."""
+    halo = model.config.receptive_radius + SAMPLING_MARGIN
+    encoder_bytes, decoder_bytes = _bytes_per_voxel(model)
+    core = list(shape)
+    while True:
+        padded = [min(c + 2 * halo, n) for c, n in zip(core, shape)]
+        encode = encoder_bytes * math.prod(padded)
+        per_slice = decoder_bytes * min(core[1] + 2, shape[1]) * min(core[2] + 2, shape[2])
+        if encode + per_slice <= workspace_bytes:
+            break
+        shrinkable = [axis for axis in range(3) if core[axis] > MIN_CORE]
+        if not shrinkable:
+            raise InputError(
+                f"memory budget too small: even the smallest tile needs {(encode + per_slice + RUNTIME_BYTES) / 2**30:.1f} GB "
+                "beyond the input and output arrays; raise --max-memory"
+            )
+        largest = max(shrinkable, key=lambda axis: padded[axis])
+        core[largest] = max(MIN_CORE, math.ceil(core[largest] / 2))
+    slices_in_tile = math.ceil(min(core[0], shape[0]) * factor) + 1
+    chunk = int(max(1, min(slices_in_tile, (workspace_bytes - encode) // per_slice)))
+    return TilePlan(tuple(core), halo, chunk, workspace_bytes)
+
+
+def array_bytes(input_shape: tuple[int, int, int], output_slices: int, dtype: np.dtype) -> int:
+    """Host memory of the arrays that must exist whatever the tiling: input copy, accumulator, result."""
+    output_voxels = output_slices * input_shape[1] * input_shape[2]
+    return 4 * math.prod(input_shape) + (4 + np.dtype(dtype).itemsize) * output_voxels
+
+
+def upsample_array(
+    array: np.ndarray,
+    factor: float,
+    model: CycleINR,
+    axis: int = 0,
+    device: str | torch.device = "auto",
+    keep_acquired_slices: bool = True,
+    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Upsample numpy `axis` of `array` by `factor`; same dtype, output grid of geometry.py.
+
+    Raises InputError when the budget cannot hold the arrays, UpsampleCancelled when
+    `should_cancel()` turns true (checked before every tile and decode chunk).
+    """
+    factor = geometry.check_factor(factor)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    slices_first = np.moveaxis(array, axis, 0)
+    shape = slices_first.shape
+    positions = geometry.output_positions(shape[0], factor)
+    budget = int(max_memory_gb * 2**30)
+    fixed = array_bytes(shape, len(positions), array.dtype) + RUNTIME_BYTES
+    if fixed >= budget:
+        raise InputError(
+            f"output of {len(positions)}x{shape[1]}x{shape[2]} voxels needs {fixed / 2**30:.1f} GB "
+            f"for its arrays alone, more than the memory budget of {max_memory_gb:g} GB; raise --max-memory"
+        )
+    plan = plan_tiles(shape, factor, model, _device_workspace(device, budget - fixed))
+
+    low, high = model.config.normalization.bounds(slices_first)
+    normalized = (slices_first.astype(np.float32) - low) / (high - low)
+    result = _run_tiles(normalized, positions, model, plan, device, progress, should_cancel)
+    result = result * (high - low) + low
+    if keep_acquired_slices:
+        for out_index, in_index in geometry.acquired_slice_matches(shape[0], factor):
+            result[out_index] = slices_first[in_index]
+    return np.moveaxis(_cast_like(result, array.dtype), 0, axis)
+
+
+def _device_workspace(device: torch.device, host_workspace: int) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(host_workspace, int(0.8 * free))
+    return host_workspace
+
+
+def _run_tiles(volume, positions, model, plan, device, progress, should_cancel) -> np.ndarray:
+    """Blend every tile's exact prediction into a float32 (M, H, W) accumulator."""
+    shape = volume.shape
+    depth_tiles, row_tiles, column_tiles = plan.tiles(shape)
+    depth_weights = _blend_weights(depth_tiles, positions)
+    row_weights = _blend_weights(row_tiles, np.arange(shape[1], dtype=float))
+    column_weights = _blend_weights(column_tiles, np.arange(shape[2], dtype=float))
+    result = np.zeros((len(positions),) + shape[1:], dtype=np.float32)
+
+    jobs = [(d, r, c) for d in range(len(depth_tiles)) for r in range(len(row_tiles)) for c in range(len(column_tiles))]
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        for done, (d, r, c) in enumerate(jobs):
+            _check_cancel(should_cancel)
+            slices = np.flatnonzero(depth_weights[d])
+            cores = (depth_tiles[d], row_tiles[r], column_tiles[c])
+            weights = (depth_weights[d], row_weights[r][cores[1][0]:cores[1][1]], column_weights[c][cores[2][0]:cores[2][1]])
+            for chunk_done, chunk in enumerate(np.array_split(slices, max(1, math.ceil(len(slices) / plan.slices_per_chunk)))):
+                _check_cancel(should_cancel)
+                if chunk_done == 0:
+                    tile = _encode_tile(volume, cores, plan.halo, model, device)
+                _decode_chunk(tile, chunk, positions, cores, weights, model, result)
+                if progress:
+                    fraction = (done + (chunk_done + 1) * len(chunk) / max(len(slices), 1)) / len(jobs)
+                    progress(min(fraction, 1.0), f"tile {done + 1}/{len(jobs)}")
+    return result
+
+
+def _check_cancel(should_cancel: CancelCheck | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise UpsampleCancelled("upsampling cancelled")
+
+
+@dataclass
+class _EncodedTile:
+    grid: LatentGrid  # cropped in-plane to the core plus one voxel of neighbours
+    volume: torch.Tensor  # the intensities under the same crop
+    origin: tuple[int, int, int]  # low-resolution index of the crop's first voxel
+
+
+def _encode_tile(volume, cores, halo, model, device) -> _EncodedTile:
+    """Encode the core plus its context margin, then keep what the core's decoding reads."""
+    read = [(max(start - halo, 0), min(stop + halo, length)) for (start, stop), length in zip(cores, volume.shape)]
+    block = torch.from_numpy(np.ascontiguousarray(volume[tuple(slice(a, b) for a, b in read)])).to(device)
+    block = block[None, None]
+    grid = model.encode(block)
+    keep = [(max(start - 1, a), min(stop + 1, b)) for (start, stop), (a, b) in zip(cores[1:], read[1:])]
+    crop = (Ellipsis, slice(keep[0][0] - read[1][0], keep[0][1] - read[1][0]), slice(keep[1][0] - read[2][0], keep[1][1] - read[2][0]))
+    cropped = LatentGrid(*(part[crop] if part is not None else None for part in grid))
+    return _EncodedTile(cropped, block[crop], (read[0][0], keep[0][0], keep[1][0]))
+
+
+def _decode_chunk(tile: _EncodedTile, chunk, positions, cores, weights, model, result) -> None:
+    local = torch.as_tensor(positions[chunk] - tile.origin[0], dtype=torch.float32)
+    predicted = model.decode(tile.grid, tile.volume, local)[0, 0]
+    (_, _), (row_start, row_stop), (column_start, column_stop) = cores
+    rows = slice(row_start - tile.origin[1], row_stop - tile.origin[1])
+    columns = slice(column_start - tile.origin[2], column_stop - tile.origin[2])
+    core = predicted[:, rows, columns].float().cpu().numpy()
+    depth_weights, row_weights, column_weights = weights
+    blend = depth_weights[chunk, None, None] * row_weights[None, :, None] * column_weights[None, None, :]
+    result[chunk, row_start:row_stop, column_start:column_stop] += core * blend
+
+
+def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round and clip to an integer type's range; floats keep their precision."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        np.rint(values, out=values)
+        np.clip(values, info.min, info.max, out=values)
+    return values.astype(dtype, copy=False)
+
+
+def upsample_volume(
+    volume: Volume,
+    model: CycleINR,
+    factor: float | None = None,
+    target_spacing: float | None = None,
+    axis: int | None = None,
+    **options,
+) -> Volume:
+    """Upsample a Volume along ITK axis `axis` (auto: the coarsest) by a factor or to a spacing.
+
+    `options` are those of upsample_array (device, keep_acquired_slices, max_memory_gb,
+    progress, should_cancel). Origin and direction are kept; see geometry.py.
+    """
+    if (factor is None) == (target_spacing is None):
+        raise InputError("give exactly one of a factor or a target slice spacing")
+    axis = geometry.slice_axis(volume.spacing, axis)
+    if factor is None:
+        factor = geometry.factor_for_spacing(volume.spacing[axis], target_spacing)
+    factor = geometry.check_factor(factor)
+    array = upsample_array(volume.array, factor, model, axis=2 - axis, **options)
+    _, spacing = geometry.output_size_and_spacing(volume.size, volume.spacing, axis, factor)
+    return Volume(array, spacing, volume.origin, volume.direction)
