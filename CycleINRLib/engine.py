@@ -11,7 +11,9 @@ memory budget bounds.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +36,26 @@ SAMPLING_MARGIN = 2  # the lerp's upper slice and the attention's +-1 neighbour
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Ask glibc to keep freed blocks instead of returning them to the OS.
+
+    Inference allocates the same large tensors tile after tile; by default glibc unmaps
+    each one on free and the next allocation page-faults it back in, which measured 3x
+    slower on the project's CPU machine. Peak memory is unchanged. Call it at process
+    start (the CLI and training do); it is a no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 2**30)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    libc.mallopt(m_top_pad, 2**28)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -218,9 +240,8 @@ def _encode_tile(volume, cores, halo, model, device) -> _EncodedTile:
     block = block[None, None]
     grid = model.encode(block)
     keep = [(max(start - 1, a), min(stop + 1, b)) for (start, stop), (a, b) in zip(cores[1:], read[1:])]
-    crop = (Ellipsis, slice(keep[0][0] - read[1][0], keep[0][1] - read[1][0]), slice(keep[1][0] - read[2][0], keep[1][1] - read[2][0]))
-    cropped = LatentGrid(*(part[crop] if part is not None else None for part in grid))
-    return _EncodedTile(cropped, block[crop], (read[0][0], keep[0][0], keep[1][0]))
+    rows, columns = (slice(low - a, high - a) for (low, high), (a, _) in zip(keep, read[1:]))
+    return _EncodedTile(grid.crop(rows, columns), block[..., rows, columns], (read[0][0], keep[0][0], keep[1][0]))
 
 
 def _decode_chunk(tile: _EncodedTile, chunk, positions, cores, weights, model, result) -> None:

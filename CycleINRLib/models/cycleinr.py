@@ -39,16 +39,12 @@ class CycleINR(nn.Module):
     def decode(self, grid: LatentGrid, volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Intensities (B, 1, S, H, W) at slice positions (S,) of the encoded `volume`."""
         where = SlicePositions.locate(positions.to(volume.device), volume.shape[2])
-        latent = self.sampler.sample(grid, where)  # (B, C, S, H, W)
-        offset = (2.0 * where.offset).to(latent.dtype).view(1, 1, -1, 1, 1).expand(
-            latent.shape[0], 1, -1, latent.shape[3], latent.shape[4]
-        )
-        features = torch.cat([offset, latent], dim=1).permute(0, 2, 3, 4, 1)  # channels last
-        intensity = self.decoder(features.reshape(-1, features.shape[-1])).view(
-            latent.shape[0], 1, *latent.shape[2:]
-        )
+        latent = self.sampler.sample(grid, where)  # (B, S, H, W, C)
+        offset = (2.0 * where.offset).to(latent.dtype).view(1, -1, 1, 1, 1).expand(*latent.shape[:4], 1)
+        features = torch.cat([offset, latent], dim=-1)
+        intensity = self.decoder(features.view(-1, features.shape[-1])).view(latent.shape[0], 1, *latent.shape[1:4])
         if self.config.predict_residual:
-            intensity = intensity + where.lerp(volume)
+            intensity = intensity + where.lerp(volume, dim=2)
         return intensity
 
     def forward(self, volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Latent codes at arbitrary slice positions: trilinear sampling (paper eq. 3) refined by
 the local attention mechanism over the 3x3x3 nearest latent codes (paper eq. 4).
 
-Only the slice axis (dimension D of a (B, C, D, H, W) grid) is ever sampled between grid
-points: in-plane, query positions coincide with the input grid. So trilinear interpolation
-reduces to a lerp between two latent slices, and since W_Q is linear, the query of a
-position is the lerp of per-voxel queries. Queries, keys and values are therefore computed
-once per low-resolution voxel, never once per output voxel.
+Only the slice axis (D of a (B, D, H, W, C) channels-last grid) is ever sampled between
+grid points: in-plane, query positions coincide with the input grid. So trilinear
+interpolation reduces to a lerp between two latent slices, and since W_Q is linear, the
+query of a position is the lerp of per-voxel queries. Queries, keys and values are computed
+once per low-resolution voxel, and the 27-neighbourhoods of keys and values are gathered
+once per low-resolution slice and shared by every output slice nearest to it.
 """
 
 from __future__ import annotations
@@ -38,17 +39,24 @@ class SlicePositions(NamedTuple):
         nearest = (t + 0.5).floor().long().clamp(0, depth - 1)
         return cls(below, above, t - below, nearest, t - nearest)
 
-    def lerp(self, grid: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> (B, C, S, H, W), linear along D."""
-        weight = self.weight.to(grid.dtype).view(1, 1, -1, 1, 1)
-        return torch.lerp(grid[:, :, self.below], grid[:, :, self.above], weight)
+    def lerp(self, grid: torch.Tensor, dim: int) -> torch.Tensor:
+        """Linear interpolation along `dim` of `grid` at every position."""
+        shape = [1] * grid.dim()
+        shape[dim] = -1
+        weight = self.weight.to(grid.dtype).view(shape)
+        return torch.lerp(grid.index_select(dim, self.below), grid.index_select(dim, self.above), weight)
 
 
 class LatentGrid(NamedTuple):
-    latent: torch.Tensor  # (B, C, D, H, W) encoder output
+    """Per-voxel latent codes, channels last: (B, D, H, W, C)."""
+
+    latent: torch.Tensor
     query: torch.Tensor | None  # W_Q, W_K, W_V applied per voxel (None without attention)
     key: torch.Tensor | None
     value: torch.Tensor | None
+
+    def crop(self, rows: slice, columns: slice) -> "LatentGrid":
+        return LatentGrid(*(part[:, :, rows, columns] if part is not None else None for part in self))
 
 
 class LatentSampler(nn.Module):
@@ -56,40 +64,42 @@ class LatentSampler(nn.Module):
         super().__init__()
         self.attention = attention
         self.scale = 1.0 / math.sqrt(latent_dim)
-        self.qkv = nn.Conv3d(latent_dim, 3 * latent_dim, kernel_size=1) if attention else None
+        self.qkv = nn.Linear(latent_dim, 3 * latent_dim) if attention else None
 
     def prepare(self, latent: torch.Tensor) -> LatentGrid:
+        """(B, C, D, H, W) encoder output -> channels-last grid with queries, keys, values."""
+        latent = latent.permute(0, 2, 3, 4, 1)
         if not self.attention:
             return LatentGrid(latent, None, None, None)
-        query, key, value = self.qkv(latent).chunk(3, dim=1)
+        query, key, value = self.qkv(latent).chunk(3, dim=-1)
         return LatentGrid(latent, query, key, value)
 
     def sample(self, grid: LatentGrid, where: SlicePositions) -> torch.Tensor:
-        """Latent codes (B, C, S, H, W) at the located slice positions."""
+        """Latent codes (B, S, H, W, C) at the located slice positions."""
         if not self.attention:
-            return where.lerp(grid.latent)
-        return self._attend(where.lerp(grid.query), grid.key, grid.value, where.nearest)
+            return where.lerp(grid.latent, dim=1)
+        return self._attend(where.lerp(grid.query, dim=1), grid.key, grid.value, where.nearest)
 
     def _attend(self, query, key, value, nearest) -> torch.Tensor:
         """Softmax over the 27 neighbours of the nearest voxel; outside the grid is masked."""
-        height, width = key.shape[-2:]
-        ones = torch.ones((1, 1) + tuple(key.shape[2:]), dtype=key.dtype, device=key.device)
-        log_valid = F.pad(ones, (1, 1, 1, 1, 1, 1)).log()  # 0 inside, -inf in the padding
-        key, value = F.pad(key, (1, 1, 1, 1, 1, 1)), F.pad(value, (1, 1, 1, 1, 1, 1))
-
-        def neighbours(padded: torch.Tensor):
-            for dz in range(NEIGHBOURHOOD):
-                plane = padded[:, :, nearest + dz]
-                for dy in range(NEIGHBOURHOOD):
-                    for dx in range(NEIGHBOURHOOD):
-                        yield plane[..., dy:dy + height, dx:dx + width]
-
-        scores = torch.stack(
-            [(query * k).sum(1) * self.scale + m[:, 0] for k, m in zip(neighbours(key), neighbours(log_valid))],
-            dim=1,
-        )  # (B, 27, S, H, W)
-        weights = torch.softmax(scores, dim=1)
-        refined = torch.zeros_like(query)
-        for index, v in enumerate(neighbours(value)):
-            refined.addcmul_(weights[:, index:index + 1], v)
+        batch, depth, height, width, channels = key.shape
+        padded_key, padded_value = (F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1)) for part in (key, value))
+        valid = F.pad(key.new_ones((batch, depth, height, width, 1)), (0, 0, 1, 1, 1, 1, 1, 1))
+        refined = torch.empty_like(query)
+        for slice_index in torch.unique(nearest).tolist():
+            uses = torch.nonzero(nearest == slice_index).flatten()
+            keys, values, mask = (_neighbourhood(part, slice_index) for part in (padded_key, padded_value, valid))
+            log_valid = mask.log().transpose(1, 2)  # (B*H*W, 1, 27): 0 inside, -inf outside
+            queries = query[:, uses].permute(0, 2, 3, 1, 4).reshape(batch * height * width, len(uses), channels)
+            weights = torch.softmax(torch.baddbmm(log_valid, queries, keys.transpose(1, 2), alpha=self.scale), dim=-1)
+            attended = torch.bmm(weights, values).view(batch, height, width, len(uses), channels)
+            refined[:, uses] = attended.permute(0, 3, 1, 2, 4)
         return refined
+
+
+def _neighbourhood(padded: torch.Tensor, slice_index: int) -> torch.Tensor:
+    """(B, D+2, H+2, W+2, C) padded grid -> (B*H*W, 27, C) neighbours of every voxel of a slice."""
+    planes = padded[:, slice_index:slice_index + NEIGHBOURHOOD]  # (B, 3, H+2, W+2, C)
+    windows = planes.unfold(2, NEIGHBOURHOOD, 1).unfold(3, NEIGHBOURHOOD, 1)  # (B, 3, H, W, C, 3, 3)
+    batch, _, height, width, channels = windows.shape[:5]
+    return windows.permute(0, 2, 3, 1, 5, 6, 4).reshape(batch * height * width, NEIGHBOURHOOD**3, channels)
