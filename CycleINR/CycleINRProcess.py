@@ -1,0 +1,240 @@
+"""Drives `cycleinr upsample --json-progress` in a separate process.
+
+The model runs outside Slicer so that an out-of-memory kill or a crash in torch cannot take
+the application and the user's scene down. This file needs only the standard library: the
+blocking scripting call and the panel's timer both use `UpsampleProcess`, and pytest runs
+it against the real command line.
+"""
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+CANCEL_GRACE_SECONDS = 10.0  # after SIGTERM, before the process is killed outright
+STDERR_TAIL_LINES = 40
+
+ProgressCallback = Callable[[float, str], None]
+
+
+class UpsampleFailed(RuntimeError):
+    """The upsampling did not produce an output; `details` holds what the process printed."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+class UpsampleCancelled(RuntimeError):
+    """The user cancelled; nothing was written and the scene is unchanged."""
+
+
+@dataclass
+class UpsampleOptions:
+    """What the user chose; `arguments()` turns it into `cycleinr upsample` options."""
+
+    factor: Optional[float] = None
+    spacing: Optional[float] = None
+    axis: Optional[int] = None  # ITK/IJK index axis; None = the coarsest
+    device: str = "auto"  # auto, cpu, cuda or mps
+    weights: Optional[str] = None  # None = the bundled weights
+    maxMemoryGB: Optional[float] = None
+    keepAcquiredSlices: Optional[bool] = None  # None = the engine's default
+
+    def arguments(self) -> list:
+        if (self.factor is None) == (self.spacing is None):
+            raise ValueError("give either an upsampling factor or a target slice spacing")
+        arguments = ["--factor", repr(float(self.factor))] if self.factor is not None \
+            else ["--spacing", repr(float(self.spacing))]
+        arguments += ["--axis", "auto" if self.axis is None else str(self.axis), "--device", self.device]
+        if self.weights:
+            arguments += ["--weights", str(self.weights)]
+        if self.maxMemoryGB:
+            arguments += ["--max-memory", repr(float(self.maxMemoryGB))]
+        if self.keepAcquiredSlices is not None:
+            arguments.append("--keep-acquired-slices" if self.keepAcquiredSlices else "--no-keep-acquired-slices")
+        return arguments
+
+
+def findLibraryParent(moduleDir) -> Path:
+    """The folder that holds the CycleINRLib package.
+
+    Installed extension: next to the module script; source checkout (module path added in
+    Application Settings): the repository root, one level up.
+    """
+    moduleDir = Path(moduleDir).resolve()
+    for candidate in (moduleDir, moduleDir.parent):
+        if (candidate / "CycleINRLib" / "__init__.py").is_file():
+            return candidate
+    raise UpsampleFailed(f"the CycleINRLib package was found neither in {moduleDir} nor in {moduleDir.parent}; "
+                         "reinstall the CycleINR extension")
+
+
+def upsampleCommand(python, inputPath, outputPath, options: UpsampleOptions) -> list:
+    return [str(python), "-m", "CycleINRLib.cli", "upsample", str(inputPath), str(outputPath),
+            *options.arguments(), "--json-progress"]
+
+
+def parseLine(line: str) -> Optional[dict]:
+    """One JSON event, or None for anything else (logged, never fatal)."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict) or "event" not in event:
+        logging.info("cycleinr: %s", line)
+        return None
+    return event
+
+
+class UpsampleProcess:
+    """One `cycleinr upsample` process: start, poll events, cancel, and read the outcome."""
+
+    def __init__(self, command: list, libraryParent=None):
+        self.command = list(command)
+        self.libraryParent = libraryParent
+        self.fraction = 0.0
+        self.message = ""
+        self.warnings = []
+        self.errorMessage = None
+        self.result = None  # the "done" event
+        self._process = None
+        self._lines = queue.Queue()
+        self._stderr = deque(maxlen=STDERR_TAIL_LINES)
+        self._readers = []
+        self._cancelRequested = False
+        self._killDeadline = None
+
+    def start(self) -> None:
+        logging.info("Running: %s", subprocess.list2cmdline(self.command))
+        self._process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, encoding="utf-8", errors="replace", env=self._environment())
+        self._readers = [
+            threading.Thread(target=self._read, args=(self._process.stdout, self._lines.put), daemon=True),
+            threading.Thread(target=self._read, args=(self._process.stderr, self._stderr.append), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _environment(self) -> dict:
+        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.libraryParent is not None:
+            paths = [str(self.libraryParent), environment.get("PYTHONPATH", "")]
+            environment["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        return environment
+
+    @staticmethod
+    def _read(stream, store) -> None:
+        for line in stream:
+            store(line.rstrip("\n"))
+        stream.close()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and not self.finished
+
+    @property
+    def finished(self) -> bool:
+        """The process has exited and every line it printed has been polled."""
+        return (self._process is not None and self._process.poll() is not None
+                and not any(reader.is_alive() for reader in self._readers) and self._lines.empty())
+
+    def poll(self) -> list:
+        """The events printed since the last poll; also enforces the cancel deadline."""
+        events = []
+        while True:
+            try:
+                event = parseLine(self._lines.get_nowait())
+            except queue.Empty:
+                break
+            if event is not None:
+                self._record(event)
+                events.append(event)
+        if self._killDeadline is not None and time.monotonic() > self._killDeadline and self._process.poll() is None:
+            logging.warning("cycleinr did not stop within %g s of the cancel request; killing it", CANCEL_GRACE_SECONDS)
+            self._process.kill()
+        return events
+
+    def _record(self, event: dict) -> None:
+        kind = event["event"]
+        if kind in ("progress", "done"):
+            self.fraction = float(event.get("fraction", self.fraction))
+            self.message = str(event.get("message", event.get("stage", self.message)))
+        if kind == "warning":
+            self.warnings.append(str(event.get("message", "")))
+            logging.warning("cycleinr: %s", event.get("message", ""))
+        elif kind == "error":
+            self.errorMessage = str(event.get("message", "unknown error"))
+            logging.error("cycleinr: %s", self.errorMessage)
+        elif kind == "done":
+            self.result = event
+
+    def cancel(self) -> None:
+        """Ask the process to stop (SIGTERM: it removes its partial output); killed if it lingers."""
+        if self._process is None or self._process.poll() is not None or self._cancelRequested:
+            return
+        self._cancelRequested = True
+        self._killDeadline = time.monotonic() + CANCEL_GRACE_SECONDS
+        self._process.terminate()
+
+    def wait(self, progressCallback: Optional[ProgressCallback] = None, interval: float = 0.1) -> dict:
+        """Block until the process ends; returns the "done" event or raises."""
+        try:
+            while not self.finished:
+                for event in self.poll():
+                    if progressCallback is not None and event["event"] in ("progress", "done"):
+                        progressCallback(self.fraction, self.message)
+                time.sleep(interval)
+        except BaseException:
+            self.stop()
+            raise
+        return self.outcome()
+
+    def stop(self) -> None:
+        """Cancel and wait for the process to be gone (killed if it ignores the request)."""
+        self.cancel()
+        try:
+            self._process.wait(CANCEL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def outcome(self) -> dict:
+        """The "done" event of a finished process, or the reason there is none."""
+        self.poll()
+        code = self._process.returncode
+        if self._cancelRequested or code == EXIT_CANCELLED:
+            raise UpsampleCancelled("upsampling was cancelled; nothing was written")
+        if code == 0 and self.result is not None:
+            return self.result
+        raise UpsampleFailed(self._failureMessage(code), self.stderrTail)
+
+    @property
+    def stderrTail(self) -> str:
+        return "\n".join(self._stderr)
+
+    def _failureMessage(self, code: int) -> str:
+        if self.errorMessage:
+            return self.errorMessage
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            hint = " (the system ends processes this way when memory runs out; try a smaller " \
+                   "memory budget or the CPU)" if -code == getattr(signal, "SIGKILL", None) else ""
+            return f"the upsampling process was killed by signal {name}{hint}"
+        lastLine = next((line for line in reversed(self._stderr) if line.strip()), "")
+        reason = f": {lastLine.strip()}" if lastLine else ""
+        return f"the upsampling process stopped with exit code {code}{reason}"

@@ -1,0 +1,169 @@
+"""Volume node -> file -> `cycleinr upsample` -> volume node, with real MRML from slicer-core.
+
+The input node gets an oblique IJK-to-RAS matrix (the real one of an oblique brain MR); every
+output slice must land where the grid convention puts it: output voxel (i, j, k) at input
+IJK coordinate (i, j, k / r), so its RAS position is input IJK-to-RAS applied to that.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="needs real MRML from the slicer-core package")
+vtk = pytest.importorskip("vtk")
+from vtk.util import numpy_support  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "CycleINR"))
+
+from CycleINRLib import geometry  # noqa: E402
+from CycleINRLib.errors import InputError  # noqa: E402
+from CycleINRJob import UpsampleJob, describeOutputGrid  # noqa: E402
+from CycleINRNodeIO import arrayFromVolumeNode, ijkToRas  # noqa: E402
+from CycleINRProcess import UpsampleCancelled, UpsampleFailed, UpsampleOptions  # noqa: E402
+
+MR_OBLIQUE = "demo/pgbm-001_brain_mr_t1post_6.5mm.nii.gz"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def volume_node(scene, image, name):
+    """A scalar volume node holding a SimpleITK image, geometry set with SetIJKToRASMatrix."""
+    array = sitk.GetArrayFromImage(image)  # (k, j, i)
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(*image.GetSize())
+    imageData.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    matrix = vtk.vtkMatrix4x4()
+    for row, values in enumerate(LPS_TO_RAS @ lps):
+        for column, value in enumerate(values):
+            matrix.SetElement(row, column, value)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(imageData)
+    node.SetIJKToRASMatrix(matrix)
+    return node
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def oblique_mr(shared_data, scene):
+    """A 40x36x7 crop of the oblique brain MR (6.5 mm slices, tilted direction matrix)."""
+    image = sitk.ReadImage(str(shared_data / MR_OBLIQUE))[110:150, 130:166, 8:15]
+    assert not np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), np.eye(3), atol=0.01)
+    return volume_node(scene, image, "pgbm crop")
+
+
+def job(node, temp_folders, **options):
+    run = UpsampleJob(node, UpsampleOptions(device="cpu", **options), python=sys.executable, libraryParent=REPOSITORY)
+    temp_folders.append(run)
+    return run
+
+
+@pytest.fixture
+def temp_folders():
+    """Jobs of a test; afterwards, their temporary folders must all be gone."""
+    jobs = []
+    yield jobs
+    for run in jobs:
+        assert run.folder is not None and not run.folder.exists(), f"{run.folder} was left behind"
+
+
+def test_every_output_slice_lies_where_the_convention_puts_it(oblique_mr, scene, temp_folders):
+    factor = 2.5
+    before = arrayFromVolumeNode(oblique_mr).copy()
+    output = job(oblique_mr, temp_folders, factor=factor).wait()
+
+    size = oblique_mr.GetImageData().GetDimensions()
+    slices = geometry.output_slice_count(size[2], factor)
+    assert output.GetImageData().GetDimensions() == (size[0], size[1], slices)
+    assert output.GetScene() is scene and output.GetName() == "pgbm crop x2.5"
+
+    inputMatrix, outputMatrix = ijkToRas(oblique_mr), ijkToRas(output)
+    i, j = np.meshgrid([0, size[0] - 1], [0, size[1] - 1])
+    for k_out in range(slices):
+        corners = np.stack([i.ravel(), j.ravel(), np.full(i.size, k_out), np.ones(i.size)])
+        at_input = corners.copy()
+        at_input[2] = k_out / factor
+        np.testing.assert_allclose(outputMatrix @ corners, inputMatrix @ at_input, atol=1e-4)
+
+    # Acquired slices are kept verbatim where output slices coincide (j = 5m <-> k = 2m at r = 2.5):
+    # the voxels are not flipped or transposed on their way through the files.
+    result = arrayFromVolumeNode(output)
+    for k_out, k_in in geometry.acquired_slice_matches(size[2], factor):
+        np.testing.assert_array_equal(result[k_out], before[k_in])
+    np.testing.assert_array_equal(arrayFromVolumeNode(oblique_mr), before)
+
+
+def test_target_spacing_into_a_given_node_under_the_input_transform(oblique_mr, scene, temp_folders):
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    oblique_mr.SetAndObserveTransformNodeID(transform.GetID())
+    existing = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen output")
+
+    output = job(oblique_mr, temp_folders, spacing=2.0, axis=2).wait()
+    assert output.GetSpacing()[2] == pytest.approx(2.0)
+    assert output.GetTransformNodeID() == transform.GetID()
+
+    again = UpsampleJob(oblique_mr, UpsampleOptions(factor=2.0, device="cpu"), outputNode=existing,
+                        python=sys.executable, libraryParent=REPOSITORY)
+    temp_folders.append(again)
+    assert again.wait() is existing
+    assert existing.GetImageData().GetDimensions()[2] == geometry.output_slice_count(7, 2.0)
+
+
+def test_a_failed_run_changes_nothing_and_removes_its_files(oblique_mr, scene, temp_folders):
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(UpsampleFailed, match="not smaller than the input's slice spacing"):
+        job(oblique_mr, temp_folders, spacing=20.0).wait()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+
+
+def test_cancel_changes_nothing_and_removes_its_files(shared_data, scene, temp_folders):
+    image = sitk.ReadImage(str(shared_data / MR_OBLIQUE))[60:200, 80:240, 4:20]
+    node = volume_node(scene, image, "larger crop")
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    run = job(node, temp_folders, factor=3.0)
+    run.start()
+    while not any(event["event"] == "progress" for event in run.poll()):
+        assert not run.finished, "the process ended before reporting progress"
+    run.cancel()
+    while not run.finished:
+        run.poll()
+    with pytest.raises(UpsampleCancelled):
+        run.finish()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+
+
+def test_the_readout_states_spacing_slices_and_size():
+    text = describeOutputGrid((260, 320, 24), (0.6875, 0.6875, 6.5), 2, factor=2.5)
+    slices = geometry.output_slice_count(24, 2.5)
+    assert "K axis x2.5" in text and "6.5 -> 2.6 mm" in text and f"24 -> {slices} slices" in text
+    assert f"260x320x{slices}, {260 * 320 * slices * 2 / 1e6:.1f} MB" in text
+    assert "I axis" in describeOutputGrid((10, 20, 30), (3.0, 1.0, 1.0), 4, targetSpacing=1.0)
+    with pytest.raises(InputError):
+        describeOutputGrid((10, 20, 30), (1.0, 1.0, 3.0), 4, factor=1.0)
+    with pytest.raises(InputError):
+        describeOutputGrid((10, 20, 30), (1.0, 1.0, 3.0), 4, targetSpacing=5.0)
+
+
+def test_noise_levels_of_input_and_output_become_a_plot(oblique_mr, scene, temp_folders):
+    pytest.importorskip("CycleINRLib.metrics", reason="CycleINRLib.metrics is not there yet")
+    from CycleINRResults import addNoisePlot, noiseLevels, summary
+
+    output = job(oblique_mr, temp_folders, factor=2.0).wait()
+    inputLevels, outputLevels = noiseLevels(oblique_mr, 2), noiseLevels(output, 2)
+    assert len(inputLevels.levels) == 7 and len(outputLevels.levels) == 13
+    assert outputLevels.positions[-1] == pytest.approx(inputLevels.positions[-1])
+    assert "SNLI: input" in summary(inputLevels, outputLevels)
+
+    chart = addNoisePlot(scene, inputLevels, outputLevels)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    rows = [chart.GetNthPlotSeriesNode(n).GetTableNode().GetNumberOfRows() for n in range(2)]
+    assert rows == [7, 13]

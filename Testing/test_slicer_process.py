@@ -1,0 +1,147 @@
+"""The Slicer module's subprocess driver against the real `cycleinr upsample` command line."""
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "CycleINR"))
+
+from CycleINRLib import geometry  # noqa: E402
+from CycleINRProcess import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    UpsampleCancelled,
+    UpsampleFailed,
+    UpsampleOptions,
+    UpsampleProcess,
+    findLibraryParent,
+    parseLine,
+    upsampleCommand,
+)
+
+MR_OBLIQUE = "demo/pgbm-001_brain_mr_t1post_6.5mm.nii.gz"
+
+
+def crop(shared_data, path, size, start=(100, 120, 6)):
+    """A crop of the oblique brain MR (6.5 mm slices) written as NRRD, as the module writes it."""
+    image = sitk.ReadImage(str(shared_data / MR_OBLIQUE))
+    region = image[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
+    sitk.WriteImage(region, str(path))
+    return path
+
+
+def cli(inputPath, outputPath, options):
+    return UpsampleProcess(upsampleCommand(sys.executable, inputPath, outputPath, options), REPOSITORY)
+
+
+def wait_for_progress(process):
+    """Poll until the engine reports progress (the model is loaded and running)."""
+    while not process.finished:
+        if any(event["event"] == "progress" for event in process.poll()):
+            return
+    pytest.fail("the process ended before reporting progress")
+
+
+def test_success_reports_progress_and_the_output_grid(shared_data, tmp_path):
+    inputPath = crop(shared_data, tmp_path / "input.nrrd", (24, 20, 6))
+    outputPath = tmp_path / "output.nrrd"
+    weights = REPOSITORY / "CycleINRLib" / "weights" / "cycleinr_ct.safetensors"
+    options = UpsampleOptions(factor=2.5, axis=2, device="cpu", weights=str(weights), maxMemoryGB=1.0,
+                              keepAcquiredSlices=False)
+    reports = []
+    process = cli(inputPath, outputPath, options)
+    process.start()
+    result = process.wait(lambda fraction, message: reports.append((fraction, message)))
+
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions and all(0.0 <= f <= 1.0 for f in fractions) and fractions[-1] == 1.0
+    assert all(message for _, message in reports)
+    assert result["output"] == str(outputPath.resolve()) and outputPath.is_file()
+    expected_size, expected_spacing = geometry.output_size_and_spacing((24, 20, 6), (0.6875, 0.6875, 6.5), 2, 2.5)
+    assert tuple(result["size"]) == expected_size == sitk.ReadImage(str(outputPath)).GetSize()
+    assert result["spacing"] == pytest.approx(expected_spacing)
+
+
+def test_bad_input_becomes_one_clear_message_and_no_output(shared_data, tmp_path):
+    inputPath = crop(shared_data, tmp_path / "input.nrrd", (16, 16, 4))
+    outputPath = tmp_path / "output.nrrd"
+    process = cli(inputPath, outputPath, UpsampleOptions(spacing=10.0, device="cpu"))
+    process.start()
+    with pytest.raises(UpsampleFailed, match="not smaller than the input's slice spacing"):
+        process.wait()
+    assert process._process.returncode == EXIT_BAD_INPUT
+    assert sorted(tmp_path.iterdir()) == [inputPath]
+
+
+def test_missing_input_file_is_reported(tmp_path):
+    process = cli(tmp_path / "absent.nrrd", tmp_path / "output.nrrd", UpsampleOptions(factor=2.0, device="cpu"))
+    process.start()
+    with pytest.raises(UpsampleFailed, match="absent.nrrd: no such file"):
+        process.wait()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_stops_the_process_and_leaves_no_file(shared_data, tmp_path):
+    inputPath = crop(shared_data, tmp_path / "input.nrrd", (140, 160, 16), start=(60, 80, 4))
+    process = cli(inputPath, tmp_path / "output.nrrd", UpsampleOptions(factor=3.0, device="cpu"))
+    process.start()
+    wait_for_progress(process)
+    process.cancel()
+    with pytest.raises(UpsampleCancelled):
+        process.wait()
+    assert process._process.poll() is not None
+    assert sorted(tmp_path.iterdir()) == [inputPath]  # the CLI removed its partial output
+
+
+def test_a_killed_process_is_reported_with_its_signal(shared_data, tmp_path):
+    """What an out-of-memory kill looks like: no error event, just SIGKILL."""
+    inputPath = crop(shared_data, tmp_path / "input.nrrd", (140, 160, 16), start=(60, 80, 4))
+    process = cli(inputPath, tmp_path / "output.nrrd", UpsampleOptions(factor=3.0, device="cpu"))
+    process.start()
+    wait_for_progress(process)
+    os.kill(process._process.pid, signal.SIGKILL)
+    with pytest.raises(UpsampleFailed, match="killed by signal SIGKILL .*memory"):
+        process.wait()
+
+
+def test_a_crash_without_error_event_reports_exit_code_and_stderr():
+    crash = "import sys; print('{\"event\": \"progress\", \"fraction\": 0.5}'); sys.stderr.write('boom\\n'); sys.exit(3)"
+    process = UpsampleProcess([sys.executable, "-c", crash])
+    process.start()
+    with pytest.raises(UpsampleFailed, match="exit code 3: boom") as failure:
+        process.wait()
+    assert process.fraction == 0.5
+    assert "boom" in failure.value.details
+
+
+def test_lines_that_are_not_events_are_logged_not_fatal(caplog):
+    with caplog.at_level(logging.INFO):
+        assert parseLine("loading weights...") is None
+        assert parseLine('["a", "list"]') is None
+        assert parseLine("   ") is None
+    assert parseLine('{"event": "warning", "message": "w"}') == {"event": "warning", "message": "w"}
+    assert "loading weights..." in caplog.text
+
+
+def test_options_need_exactly_one_of_factor_and_spacing():
+    with pytest.raises(ValueError):
+        UpsampleOptions().arguments()
+    with pytest.raises(ValueError):
+        UpsampleOptions(factor=2.0, spacing=1.0).arguments()
+    assert UpsampleOptions(spacing=1.5).arguments() == ["--spacing", "1.5", "--axis", "auto", "--device", "auto"]
+
+
+def test_the_library_is_found_in_a_checkout_and_next_to_an_installed_module(tmp_path):
+    assert findLibraryParent(REPOSITORY / "CycleINR") == REPOSITORY
+    (tmp_path / "CycleINRLib").mkdir()
+    (tmp_path / "CycleINRLib" / "__init__.py").write_text("")
+    assert findLibraryParent(tmp_path) == tmp_path
+    elsewhere = tmp_path / "elsewhere" / "CycleINR"
+    elsewhere.mkdir(parents=True)
+    with pytest.raises(UpsampleFailed, match="CycleINRLib package was found neither"):
+        findLibraryParent(elsewhere)
