@@ -1,0 +1,63 @@
+"""Weights files: round trip, and one clear error for every defect."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, load_model, save_model
+from CycleINRLib.config import NAMED_CONFIGS
+from CycleINRLib.errors import WeightsError
+from CycleINRLib.models import CycleINR
+
+
+def test_round_trip_keeps_weights_config_and_provenance(tmp_path):
+    torch.manual_seed(0)
+    model = CycleINR(NAMED_CONFIGS["light"])
+    path = save_model(model, tmp_path / "m.safetensors", trained=True, provenance={"steps": 12})
+    loaded, info = load_model(path)
+    assert info.trained and info.provenance == {"steps": 12} and info.config == model.config
+    volume, positions = torch.rand(1, 1, 4, 8, 8), torch.tensor([0.0, 0.4, 2.5])
+    assert torch.equal(model.eval()(volume, positions), loaded(volume, positions))
+
+
+def test_bundled_weights_load():
+    model, info = load_model()
+    assert info.path == DEFAULT_WEIGHTS and isinstance(model, CycleINR)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_model(tmp_path / "absent.safetensors")
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    with pytest.raises(WeightsError, match="garbage.safetensors"):
+        load_model(path)
+
+
+def test_truncated_file(tmp_path):
+    path = save_model(CycleINR(NAMED_CONFIGS["light"]), tmp_path / "cut.safetensors", trained=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="cut.safetensors"):
+        load_model(path)
+
+
+def test_tensors_that_do_not_match_the_config(tmp_path):
+    path = save_model(CycleINR(NAMED_CONFIGS["light"]), tmp_path / "m.safetensors", trained=False)
+    light = {name: tensor for name, tensor in CycleINR(NAMED_CONFIGS["light"]).state_dict().items()}
+    description = {"format": 1, "config": NAMED_CONFIGS["paper"].to_dict(), "trained": False}
+    save_file(light, str(path), metadata={"cycleinr": json.dumps(description)})
+    with pytest.raises(WeightsError, match="do not match"):
+        load_model(path)
+
+
+def test_file_without_description(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(WeightsError, match="no CycleINR description"):
+        load_model(path)

@@ -1,0 +1,107 @@
+"""Tiled inference: exactness, cancellation, progress, memory budget, intensities."""
+
+import numpy as np
+import pytest
+import torch
+
+from CycleINRLib import engine
+from CycleINRLib.config import NAMED_CONFIGS
+from CycleINRLib.errors import InputError, UpsampleCancelled
+from CycleINRLib.models import CycleINR
+
+
+@pytest.fixture(scope="module", params=["light", "paper"])
+def model(request):
+    """A randomly initialised model whose output is not a plain interpolation."""
+    torch.manual_seed(3)
+    net = CycleINR(NAMED_CONFIGS[request.param]).eval()
+    torch.nn.init.normal_(net.decoder.output.weight, std=0.05)
+    return net
+
+
+def _ct_like(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0, 300, shape) - 200).astype(np.int16)
+
+
+def _workspace_forcing_tiles(shape, factor, model, axes):
+    """The largest workspace (bytes) whose plan cuts every one of `axes` into several tiles."""
+    workspace = 8 * 2**30
+    while True:
+        tiles = engine.plan_tiles(shape, factor, model, workspace).tiles(shape)
+        if all(len(tiles[axis]) > 1 for axis in axes):
+            return workspace
+        workspace = int(workspace * 0.8)
+
+
+def _budget_for(shape, factor, workspace_bytes):
+    out_slices = len(engine.geometry.output_positions(shape[0], factor))
+    fixed = engine.array_bytes(shape, out_slices, np.float32) + engine.RUNTIME_BYTES
+    return (fixed + workspace_bytes) / 2**30
+
+
+@pytest.mark.parametrize(
+    "config, shape, factor, axes",
+    [
+        ("light", (14, 40, 36), 2.5, (1, 2)),  # in-plane tiles
+        ("light", (60, 12, 12), 3.0, (0,)),  # slice-axis tiles: blended output slices
+        ("paper", (6, 20, 44), 2.5, (2,)),  # the paper's receptive field (context margin 21)
+    ],
+)
+def test_tiled_equals_untiled(config, shape, factor, axes):
+    torch.manual_seed(3)
+    net = CycleINR(NAMED_CONFIGS[config]).eval()
+    torch.nn.init.normal_(net.decoder.output.weight, std=0.05)
+    volume = _ct_like(shape).astype(np.float32)
+    assert engine.plan_tiles(volume.shape, factor, net, 8 * 2**30).core == volume.shape
+    workspace = _workspace_forcing_tiles(volume.shape, factor, net, axes)
+
+    untiled = engine.upsample_array(volume, factor, net, keep_acquired_slices=False, max_memory_gb=8)
+    tiled = engine.upsample_array(volume, factor, net, keep_acquired_slices=False,
+                                  max_memory_gb=_budget_for(volume.shape, factor, workspace))
+    assert np.abs(untiled - tiled).max() <= 1e-5 * np.abs(untiled).max()
+
+
+def test_cancel_stops_within_a_tile_and_returns_nothing(model):
+    volume = _ct_like((10, 30, 30))
+    reports = []
+    with pytest.raises(UpsampleCancelled):
+        engine.upsample_array(volume, 2.0, model, progress=lambda f, m: reports.append(f),
+                              should_cancel=lambda: len(reports) >= 1,
+                              max_memory_gb=_budget_for(volume.shape, 2.0, _workspace_forcing_tiles(volume.shape, 2.0, model, (1,))))
+    assert len(reports) == 1
+
+
+def test_progress_rises_to_one(model):
+    reports = []
+    engine.upsample_array(_ct_like((6, 16, 16)), 3.0, model, progress=lambda f, m: reports.append(f))
+    assert reports == sorted(reports) and reports[-1] == pytest.approx(1.0)
+
+
+def test_output_keeps_pixel_type_and_acquired_slices(model):
+    volume = _ct_like((5, 12, 10))
+    volume[0, 0, 0] = 32767  # rounding and clipping must stay within int16
+    result = engine.upsample_array(volume, 2.0, model, axis=0, keep_acquired_slices=True)
+    assert result.dtype == np.int16 and result.shape == (9, 12, 10)
+    assert np.array_equal(result[::2], volume)
+    generated = engine.upsample_array(volume, 2.0, model, axis=0, keep_acquired_slices=False)
+    assert not np.array_equal(generated[::2], volume)
+
+
+def test_other_axis_is_upsampled_in_place(model):
+    volume = _ct_like((8, 5, 9))
+    result = engine.upsample_array(volume, 2.0, model, axis=1)
+    assert result.shape == (8, 9, 9)
+    assert np.array_equal(result[:, ::2], volume)
+
+
+def test_budget_smaller_than_the_arrays_is_refused(model):
+    with pytest.raises(InputError, match="memory budget"):
+        engine.upsample_array(_ct_like((10, 64, 64)), 4.0, model, max_memory_gb=0.5)
+
+
+def test_unavailable_device_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(InputError, match="cuda"):
+        engine.resolve_device("cuda")
