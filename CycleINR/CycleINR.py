@@ -42,7 +42,8 @@ from CycleINRJob import UpsampleJob, describeOutputGrid  # noqa: E402
 
 # Import name -> requirement, for what the command line and the noise metrics need beyond
 # what Slicer ships (numpy and SimpleITK, which are never reinstalled) and torch.
-EXTRA_PACKAGES = {"safetensors": "safetensors>=0.4", "tqdm": "tqdm>=4.60", "pywt": "PyWavelets>=1.4"}
+EXTRA_PACKAGES = {"safetensors": "safetensors>=0.4", "tqdm": "tqdm>=4.60", "pywt": "PyWavelets>=1.4",
+                  "scipy": "scipy>=1.10", "skimage": "scikit-image>=0.21"}
 POLL_INTERVAL_MS = 200
 COMPARISON_LAYOUT_ID = 8801
 COMPARISON_VIEWS = (("CycleINRInputCoronal", "Coronal", "input"), ("CycleINROutputCoronal", "Coronal", "output"),
