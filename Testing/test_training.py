@@ -1,0 +1,148 @@
+"""Training: the cycle loss by hand, loss going down, exact resume, DDP on CPU, bad data."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from CycleINRLib.checkpoint import load_model  # noqa: E402
+from CycleINRLib.config import NAMED_CONFIGS  # noqa: E402
+from CycleINRLib.degrade import degrade, degrade_at  # noqa: E402
+from CycleINRLib.io import Volume, read_volume, write_volume  # noqa: E402
+from CycleINRLib.models import CycleINR  # noqa: E402
+from Training import checkpointing, data, losses  # noqa: E402
+from Training.config import TrainConfig  # noqa: E402
+from Training.train import train  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HEAD = SHARED_DATA / "ct" / "train" / "vtk-fullhead_head_1.5mm.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory) -> Path:
+    """Two small crops of a real head CT in a fresh folder (never inside the repository)."""
+    if not HEAD.is_file():
+        pytest.skip(f"real volumes not available: {HEAD} is absent (a fresh clone has no ../shared)")
+    head = read_volume(HEAD)
+    folder = tmp_path_factory.mktemp("crops")
+    for name, (k, j, i) in {"a": (20, 80, 80), "b": (40, 120, 100)}.items():
+        crop = np.ascontiguousarray(head.array[k:k + 24, j:j + 40, i:i + 40])
+        write_volume(Volume(crop, head.spacing, head.origin, head.direction), folder / f"{name}.nii.gz")
+    return folder
+
+
+def small_config(train_folder: Path, out_dir: Path, **optim) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "model": "light",
+        "data": {"train": str(train_folder), "val": None, "lr_slices": 3, "patch_size": 12, "batch_size": 2,
+                 "scale_min": 2.0, "scale_max": 3.0, "batches_per_epoch": 4, "workers": 0},
+        "optim": {"steps": 6, "lr": 1e-3, "seed": 3, **optim},
+        "run": {"out_dir": str(out_dir), "device": "cpu", "threads": 1, "checkpoint_every": 3, "log_every": 1},
+    })
+
+
+def test_fractional_degradation_matches_integer_one_and_interpolates():
+    thin = np.random.default_rng(0).normal(size=(17, 3, 2))
+    for mode in ("interval", "thick"):
+        assert np.allclose(degrade_at(thin, np.arange(0, 17, 4), 4, mode=mode), degrade(thin, 4, mode=mode), atol=1e-5)
+    halfway = degrade_at(thin, [2.3], 2.3, mode="interval")[0]
+    assert np.allclose(halfway, 0.7 * thin[2] + 0.3 * thin[3], atol=1e-5)
+    box = degrade_at(thin, [5.0], 2.5, mode="thick")[0]  # box [3.75, 6.25]: 3/4 of slices 4 and 6, all of 5
+    assert np.allclose(box, (0.75 * thin[4] + thin[5] + 0.75 * thin[6]) / 2.5, atol=1e-5)
+
+
+def test_cycle_loss_by_hand_and_differentiable():
+    # The untrained residual model is linear interpolation plus its decoder's output bias.
+    model = CycleINR(NAMED_CONFIGS["light"])
+    low = torch.tensor([0.2, 0.8, 0.5]).view(1, 1, 3, 1, 1).expand(1, 1, 3, 4, 4).contiguous()
+    generated, reestimated = losses.CycleObjective(model)(low, 2.5, cycle=True)
+    # HR positions j / 2.5 = 0, .4, .8, 1.2, 1.6, 2 -> .2, .44, .68, .74, .62, .5; LR positions in
+    # HR units 0, 2.5, 5 -> .2, (.68 + .74) / 2 = .71, .5; against .2, .8, .5: mean |error| .03.
+    assert torch.allclose(generated[0, 0, :, 0, 0], torch.tensor([0.2, 0.44, 0.68, 0.74, 0.62, 0.5]), atol=1e-6)
+    assert losses.cycle_loss(reestimated, low).item() == pytest.approx(0.03, abs=1e-6)
+    with torch.no_grad():
+        model.decoder.output.bias.fill_(0.1)  # +0.1 in each pass: errors .2, .11, .2
+    generated, reestimated = losses.CycleObjective(model)(low, 2.5, cycle=True)
+    loss = losses.cycle_loss(reestimated, low)
+    assert loss.item() == pytest.approx(0.17, abs=1e-6)
+    loss.backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    assert gradients and all(torch.isfinite(g).all() for g in gradients)
+    assert model.decoder.output.bias.grad.abs().sum() > 0
+
+
+def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path):
+    config = small_config(crops, tmp_path / "run", steps=30, lr=1e-3)
+    config.model_overrides = {"predict_residual": False}  # starts far from the truth, unlike the residual model
+    config.data.val = str(crops)
+    config.run.val_crop, config.run.val_cases, config.run.val_every = [24, 32, 32], ["2:2", "5:2.5"], 15
+    model, history = train(config)
+    assert len(history) == 30 and all(np.isfinite(r["loss"]) for r in history)
+    assert np.mean([r["inr"] for r in history[-5:]]) < 0.5 * np.mean([r["inr"] for r in history[:5]])
+    exported, info = load_model(tmp_path / "run" / "best_model.safetensors")
+    assert info.trained and info.provenance["steps"] in (15, 30)
+    assert set(info.provenance["training_data"]) == {"a.nii.gz", "b.nii.gz"}
+    assert "2:2/psnr_generated" in info.provenance["validation"] and np.isfinite(info.provenance["validation"]["mean_psnr"])
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
+    straight, straight_history = train(small_config(crops, tmp_path / "straight"))
+    interrupted = small_config(crops, tmp_path / "resumed", steps=3)
+    _, first_half = train(interrupted)
+    interrupted.optim.steps = 6
+    resumed, second_half = train(interrupted)
+    assert [r["step"] for r in second_half] == [4, 5, 6]
+    assert [r["loss"] for r in first_half + second_half] == [r["loss"] for r in straight_history]
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "resumed")] == ["step-0000003.json", "step-0000006.json"]
+
+
+def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    model, _ = train(config)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+
+
+def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = small_config(crops, tmp_path / "ddp", steps=4)
+    mp.spawn(_ddp_worker, args=(config, port, tmp_path), nprocs=2, join=True)
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    initial = CycleINR(config.model_config()).state_dict()
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert not torch.equal(rank0["decoder.output.weight"], initial["decoder.output.weight"])  # it did train
+    assert checkpointing.list_checkpoints(tmp_path / "ddp")[-1].name == "step-0000004.json"
+
+
+def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.nii.gz").write_bytes((crops / "a.nii.gz").read_bytes())
+    (folder / "broken.nii.gz").write_bytes(b"not an image at all" * 10)
+    sitk.WriteImage(sitk.Image(40, 40, sitk.sitkInt16), str(folder / "flat2d.nrrd"))
+    thin = read_volume(crops / "a.nii.gz").array[:3]
+    write_volume(Volume(thin, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), folder / "thin.mha")
+    config = small_config(folder, tmp_path / "run", steps=2)
+    with pytest.warns(data.TrainingDataWarning) as caught:
+        _, history = train(config)
+    messages = " | ".join(str(w.message) for w in caught)
+    for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha"):
+        assert name in messages
+    assert "good.nii.gz" not in messages and len(history) == 2

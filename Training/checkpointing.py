@@ -1,0 +1,91 @@
+"""Resumable training checkpoints without pickle.
+
+step-NNNNNNN.safetensors holds the model, the Adam moments and the torch RNG states;
+step-NNNNNNN.json holds the config, step, metrics, optimizer hyper-parameters and the
+scheduler state. The JSON is written last, so a checkpoint counts only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PATTERN = re.compile(r"step-(\d+)\.json$")
+
+
+def _atomic_write(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, config: dict, metrics: dict, keep: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    scalars = {}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for device, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{device}"] = state
+    stem = directory / f"step-{step:07d}"
+    _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p)))
+    description = {
+        "step": step,
+        "config": config,
+        "metrics": metrics,
+        "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars},
+        "scheduler": scheduler.state_dict(),
+    }
+    _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(description, indent=1)))
+    for old in list_checkpoints(directory)[:-keep]:
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+        old.unlink()
+    return stem.with_suffix(".json")
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints (their JSON files), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := PATTERN.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
+    """(description, tensors) of a checkpoint."""
+    description = json.loads(Path(json_path).read_text())
+    return description, load_file(str(Path(json_path).with_suffix(".safetensors")))
+
+
+def restore(json_path: Path, model, optimizer, scheduler) -> dict:
+    """Load model, optimizer, scheduler and RNG states in place; returns the description."""
+    description, tensors = read_checkpoint(json_path)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in description["optimizer"]["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": description["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(description["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return description

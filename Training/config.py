@@ -1,0 +1,111 @@
+"""Training settings as explicit dataclasses, read from YAML; the whole config travels in
+every checkpoint so a run can be resumed or reproduced from its files alone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from CycleINRLib.config import NAMED_CONFIGS, ModelConfig
+from CycleINRLib.degrade import DEGRADATIONS
+
+
+@dataclass
+class DataConfig:
+    train: str = "../shared/data/ct/train"  # folder of volumes, or a text file listing them
+    val: str = "../shared/data/ct/val"
+    lr_slices: int = 6  # low-resolution slices per training patch (the HR patch has ~lr_slices * r)
+    patch_size: int = 48  # in-plane rows and columns of a patch
+    batch_size: int = 4  # patches per step and per process; one batch shares its scale
+    scale_min: float = 2.0
+    scale_max: float = 6.0  # scales are drawn with one decimal in [scale_min, scale_max] (paper)
+    degradations: dict = field(default_factory=lambda: {"interval": 0.8, "thick": 0.2})
+    inplane_probability: float = 0.3  # chance that a pair takes an in-plane axis as its slice axis
+    max_truth_spacing_mm: float = 2.5  # an axis serves as high-resolution truth only if this thin
+    min_patch_std: float = 0.01  # redraw (up to 10 times) patches flatter than this: air, padding
+    batches_per_epoch: int = 1000  # a virtual epoch: patches are drawn on the fly
+    workers: int = 2
+
+    def __post_init__(self):
+        if not 1.0 < self.scale_min <= self.scale_max:
+            raise ValueError("need 1 < scale_min <= scale_max")
+        unknown = set(self.degradations) - set(DEGRADATIONS)
+        if unknown or not self.degradations or min(self.degradations.values()) < 0:
+            raise ValueError(f"degradations must weight some of {DEGRADATIONS}, got {self.degradations}")
+        if self.lr_slices < 2 or self.patch_size < 4 or self.batch_size < 1:
+            raise ValueError("lr_slices >= 2, patch_size >= 4 and batch_size >= 1 are needed")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 200_000
+    lr: float = 1e-4
+    lr_halve_every: int = 40_000  # steps; the paper halves every 200 of 3000 epochs
+    grad_clip: float = 1.0
+    cycle_weight: float = 1.0  # lambda of eq. 9; 0 trains without the cycle-consistent loss
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/ct"
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads per process; 0 keeps torch's default
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    val_every: int = 2000
+    val_crop: list | None = field(default_factory=lambda: [96, 160, 160])  # slices, rows, cols; null: whole volume
+    val_cases: list = field(default_factory=lambda: ["2:2", "3:3", "5:5", "5:2.5"])  # keep-every:factor
+
+
+@dataclass
+class TrainConfig:
+    model: str = "paper"  # a name from CycleINRLib.config.NAMED_CONFIGS
+    model_overrides: dict = field(default_factory=dict)  # e.g. {attention: false} for the LAM ablation
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.model not in NAMED_CONFIGS:
+            raise ValueError(f"model must be one of {sorted(NAMED_CONFIGS)}, not {self.model!r}")
+        self.model_config()  # unknown or invalid overrides fail at load time, not after hours
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict({**NAMED_CONFIGS[self.model].to_dict(), **self.model_overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        sections = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config sections: {', '.join(sorted(unknown))}")
+        built = dict(values)
+        for name, section in sections.items():
+            part = built.get(name) or {}
+            wrong = set(part) - {f.name for f in fields(section)}
+            if wrong:
+                raise ValueError(f"unknown settings in {name}: {', '.join(sorted(wrong))}")
+            built[name] = section(**part)
+        return cls(**built)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file plus `section.key=value` overrides (values parsed as YAML)."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        *parents, leaf = key.split(".")
+        target = values
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(raw)
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,171 @@
+"""Training pairs drawn on the fly from whole thin-slice volumes.
+
+Volumes are read once and kept in memory (worker processes share them by fork). Every
+batch is a pure function of (seed, epoch, index), so a resumed run draws exactly the batches
+the uninterrupted run would have, and DDP ranks draw disjoint ones through DistributedSampler.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from CycleINRLib import geometry
+from CycleINRLib.config import Normalization
+from CycleINRLib.degrade import degrade_at
+from CycleINRLib.errors import InputError
+from CycleINRLib.io import Volume, read_volume
+
+from .config import DataConfig
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+PATCH_TRIES = 10
+
+
+class TrainingDataWarning(UserWarning):
+    """A volume that cannot serve for training; the run goes on without it."""
+
+
+@dataclass
+class TrainingVolume:
+    name: str
+    array: np.ndarray  # numpy order (k, j, i), stored dtype
+    low: float  # intensities mapping to 0 and 1
+    high: float
+    slice_axis: int  # numpy axis of the acquisition's slices
+    truth_axes: tuple[int, ...]  # numpy axes that can serve as the slice axis of a pair
+
+
+def volume_paths(source: str | Path) -> list[Path]:
+    """Files of a folder (known suffixes), or the lines of a list file, relative to that file."""
+    source = Path(source)
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+    if source.is_file():
+        lines = [line.strip() for line in source.read_text().splitlines()]
+        return [(source.parent / line) for line in lines if line and not line.startswith("#")]
+    raise FileNotFoundError(f"{source}: no such folder or list file")
+
+
+def read_or_skip(path: Path, purpose: str) -> Volume | None:
+    """The volume, or None after a warning: one bad file must not end a multi-hour run."""
+    try:
+        return read_volume(path)
+    except InputError as error:
+        warnings.warn(f"skipping {purpose} volume: {error}", TrainingDataWarning, stacklevel=3)
+        return None
+
+
+def max_pair_depth(config: DataConfig) -> int:
+    """Thin slices a pair needs at the largest scale: the HR patch plus the thick box margin."""
+    return (config.lr_slices - 1) * math.ceil(config.scale_max) + 1 + 2 * _margin(config.scale_max)
+
+
+def _margin(scale: float) -> int:
+    return math.ceil(scale / 2)
+
+
+def load_volumes(source: str | Path, config: DataConfig, normalization: Normalization) -> list[TrainingVolume]:
+    """Read every volume once; report and skip those that cannot give a training pair."""
+    volumes = []
+    depth = max_pair_depth(config)
+    for path in volume_paths(source):
+        volume = read_or_skip(path, "training")
+        if volume is None:
+            continue
+        spacing = volume.spacing[::-1]  # numpy axis order
+        slice_axis = 2 - geometry.slice_axis(volume.spacing)
+        truth_axes = tuple(
+            axis for axis in range(3)
+            if spacing[axis] <= config.max_truth_spacing_mm + 1e-6
+            and volume.array.shape[axis] >= depth
+            and min(n for a, n in enumerate(volume.array.shape) if a != axis) >= config.patch_size
+        )
+        if not truth_axes:
+            warnings.warn(
+                f"skipping training volume {path}: size {volume.array.shape[::-1]} spacing "
+                f"{tuple(round(s, 3) for s in volume.spacing)} has no axis with >= {depth} slices at "
+                f"<= {config.max_truth_spacing_mm} mm and a {config.patch_size}x{config.patch_size} cross-section",
+                TrainingDataWarning, stacklevel=2,
+            )
+            continue
+        low, high = normalization.bounds(volume.array)
+        volumes.append(TrainingVolume(path.name, volume.array, low, high, slice_axis, truth_axes))
+    return volumes
+
+
+class PairBatches(Dataset):
+    """Item (epoch, index) -> one batch of LR/HR pairs sharing a scale and a degradation.
+
+    A batch shares its scale because the model's query positions are shared by the batch.
+    """
+
+    def __init__(self, volumes: list[TrainingVolume], config: DataConfig, seed: int):
+        if not volumes:
+            raise ValueError("no usable training volume (see the warnings above)")
+        self.volumes, self.config, self.seed = volumes, config, seed
+        self.modes = sorted(config.degradations)
+        weights = np.array([config.degradations[m] for m in self.modes], dtype=float)
+        self.mode_weights = weights / weights.sum()
+
+    def __len__(self) -> int:
+        return self.config.batches_per_epoch
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        config = self.config
+        tenths = rng.integers(round(config.scale_min * 10), round(config.scale_max * 10) + 1)
+        scale = float(tenths) / 10.0
+        mode = self.modes[rng.choice(len(self.modes), p=self.mode_weights)]
+        pairs = [self._pair(rng, scale, mode) for _ in range(config.batch_size)]
+        low, high = (torch.from_numpy(np.stack(part)[:, None]) for part in zip(*pairs))
+        return {"lr": low, "hr": high, "scale": scale, "mode": mode}
+
+    def _pair(self, rng: np.random.Generator, scale: float, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """A normalized (LR, HR) pair, slice axis first, flipped and transposed at random."""
+        config = self.config
+        hr_slices = geometry.output_slice_count(config.lr_slices, scale)
+        margin = _margin(scale)
+        for _ in range(PATCH_TRIES):
+            volume = self.volumes[rng.integers(len(self.volumes))]
+            inplane = [a for a in volume.truth_axes if a != volume.slice_axis]
+            use_inplane = bool(inplane) and (volume.slice_axis not in volume.truth_axes or rng.random() < config.inplane_probability)
+            axis = int(rng.choice(inplane)) if use_inplane else volume.slice_axis
+            block = _random_block(rng, volume.array, axis, hr_slices + 2 * margin, config.patch_size)
+            block = (block.astype(np.float32) - volume.low) / (volume.high - volume.low)
+            high = block[margin:margin + hr_slices]
+            if high.std() >= config.min_patch_std:
+                break
+        low = degrade_at(block, margin + np.arange(config.lr_slices) * scale, scale, axis=0, mode=mode)
+        for dim in range(3):
+            if rng.random() < 0.5:
+                low, high = np.flip(low, dim), np.flip(high, dim)
+        if rng.random() < 0.5:
+            low, high = low.transpose(0, 2, 1), high.transpose(0, 2, 1)
+        return np.ascontiguousarray(low), np.ascontiguousarray(high)
+
+
+def _random_block(rng: np.random.Generator, array: np.ndarray, axis: int, depth: int, size: int) -> np.ndarray:
+    """A (depth, size, size) block with numpy `axis` moved first, at a random place."""
+    moved = np.moveaxis(array, axis, 0)
+    starts = [rng.integers(n - extent + 1) for n, extent in zip(moved.shape, (depth, size, size))]
+    return moved[starts[0]:starts[0] + depth, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
+
+
+def batch_stream(dataset: PairBatches, rank: int, world_size: int, start_step: int, workers: int, pin_memory: bool):
+    """Endless batches from step `start_step` on, the same ones an uninterrupted run draws."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=dataset.seed, drop_last=True)
+    epoch, skip = divmod(start_step, len(sampler))
+    while True:
+        sampler.set_epoch(epoch)
+        keys = [(epoch, index) for index in list(sampler)[skip:]]
+        loader = DataLoader(dataset, batch_size=None, sampler=keys, num_workers=workers, pin_memory=pin_memory)
+        yield from loader
+        epoch, skip = epoch + 1, 0

@@ -1,0 +1,161 @@
+"""Train CycleINR with the cycle-consistent loss (paper sections 3.2 and 4.1).
+
+    python Training/train.py --config Training/configs/ct.yaml
+    torchrun --nproc_per_node=4 Training/train.py --config Training/configs/ct.yaml
+    python Training/train.py --config Training/configs/ct_cpu.yaml run.out_dir=runs/x optim.steps=100
+
+Re-running the same command resumes from the newest checkpoint in run.out_dir exactly as if
+the run had not been interrupted. Relative data paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from CycleINRLib.checkpoint import save_model
+from CycleINRLib.engine import resolve_device
+from CycleINRLib.models import CycleINR
+from Training import checkpointing, data, losses
+from Training.config import TrainConfig, load_config
+from Training.validation import ValidationSet
+
+
+def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
+    """Run (or resume) training; returns the bare model and this process's per-step losses."""
+    # ---------------------------------------------------------------- processes, devices
+    distributed = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(config.run.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    amp = config.optim.amp and device.type == "cuda"
+    out_dir = Path(config.run.out_dir)
+
+    # ---------------------------------------------------------------- data
+    model_config = config.model_config()
+    volumes = data.load_volumes(config.data.train, config.data, model_config.normalization)
+    dataset = data.PairBatches(volumes, config.data, config.optim.seed)
+    validation = ValidationSet.load(config.data.val, config.run, model_config.normalization) if master and config.data.val else None
+
+    # ---------------------------------------------------------------- model, optimizer, schedule
+    torch.manual_seed(config.optim.seed)
+    model = CycleINR(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.optim.lr_halve_every, gamma=0.5)
+    step, wall_before, best_psnr, metrics = 0, 0.0, float("-inf"), {}
+    existing = checkpointing.list_checkpoints(out_dir)
+    if existing:
+        description = checkpointing.restore(existing[-1], model, optimizer, scheduler)
+        step, metrics = description["step"], description["metrics"]
+        wall_before, best_psnr = metrics.get("wall_seconds", 0.0), metrics.get("best_val_psnr", float("-inf"))
+        if master:
+            print(f"resuming from {existing[-1]} at step {step}")
+    objective = losses.CycleObjective(model)
+    if distributed:
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = data.batch_stream(dataset, rank, world_size, step, config.data.workers, device.type == "cuda")
+
+    # ---------------------------------------------------------------- loop
+    writer = SummaryWriter(str(out_dir / "tensorboard")) if master else None
+    history: list[dict] = []
+    started = time.time()
+    bar = tqdm(total=config.optim.steps, initial=step, disable=not master, dynamic_ncols=True)
+    while step < config.optim.steps:
+        batch = next(batches)
+        low, high = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
+        cycle = config.optim.cycle_weight > 0 and batch["mode"] == "interval"  # eq. 7 assumes point sampling
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            generated, reestimated = objective(low, batch["scale"], cycle)
+        loss_inr = losses.inr_loss(generated, high)
+        loss_cycle = losses.cycle_loss(reestimated, low) if cycle else torch.zeros((), device=device)
+        loss = loss_inr + config.optim.cycle_weight * loss_cycle
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        record = {"step": step, "loss": loss.item(), "inr": loss_inr.item(), "cycle": loss_cycle.item(), "scale": batch["scale"]}
+        history.append(record)
+        bar.update(1)
+        if master and (step % config.run.log_every == 0 or step == config.optim.steps):
+            bar.set_postfix(loss=f"{record['loss']:.4f}", scale=record["scale"])
+            for key in ("loss", "inr", "cycle"):
+                writer.add_scalar(f"train/{key}", record[key], step)
+            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+
+        # ------------------------------------------------------------ validation, checkpoints
+        metrics.update(last_loss=record["loss"], wall_seconds=wall_before + time.time() - started)
+        if validation is not None and (step % config.run.val_every == 0 or step == config.optim.steps):
+            results, preview = validation.evaluate(model, device)
+            for key, value in results.items():
+                writer.add_scalar(f"val/{key}", value, step)
+            writer.add_image("val/coronal_truth_linear_cycleinr", preview, step, dataformats="HW")
+            metrics["val"] = results
+            if results["mean_psnr"] > best_psnr:
+                best_psnr = metrics["best_val_psnr"] = results["mean_psnr"]
+                save_model(model, out_dir / "best_model.safetensors", trained=True,
+                           provenance=provenance(config, volumes, validation, step, metrics))
+        if step % config.run.checkpoint_every == 0 or step == config.optim.steps:
+            if master:
+                checkpointing.save_checkpoint(out_dir, step, model, optimizer, scheduler, config.to_dict(), metrics,
+                                              config.run.keep_checkpoints)
+            if distributed:
+                dist.barrier()
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+    return model, history
+
+
+def provenance(config: TrainConfig, volumes, validation, step: int, metrics: dict) -> dict:
+    """What a shipped weights file says about its origin."""
+    return {
+        "training_data": [volume.name for volume in volumes],
+        "validation_data": validation.names,
+        "validation_crop": config.run.val_crop,
+        "steps": step,
+        "patches_seen": step * config.data.batch_size * (dist.get_world_size() if dist.is_initialized() else 1),
+        "wall_seconds": round(metrics["wall_seconds"]),
+        "machine": f"{platform.node()} {platform.machine()} {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
+                   f", torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "validation": metrics.get("val", {}),
+        "train_config": config.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file (see Training/configs)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.steps=1000")
+    args = parser.parse_args(argv)
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()
