@@ -46,14 +46,17 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     output = check_output_path(args.output, args.overwrite)
     device = engine.resolve_device(args.device)
     model, weights = load_model(args.weights, device)
-    if not weights.trained:
-        reporter.warning(f"using {weights.label}: the result is not a trained super-resolution")
 
     reporter.set_stage("read")
     reporter.progress(0.0, f"reading {Path(args.input).name}")
     volume = read_volume(args.input)
     axis = geometry.slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
     factor = args.factor if args.factor is not None else geometry.factor_for_spacing(volume.spacing[axis], args.spacing)
+    factor = geometry.check_factor(factor)
+    slices_first = (volume.size[axis],) + tuple(n for a, n in enumerate(volume.size) if a != axis)
+    engine.check_memory_budget(slices_first, factor, volume.array.dtype, args.max_memory)
+    if not weights.trained:
+        reporter.warning(f"using {weights.label}: the result is not a trained super-resolution")
 
     reporter.set_stage("upsample")
     result = engine.upsample_volume(

@@ -146,6 +146,22 @@ def array_bytes(input_shape: tuple[int, int, int], output_slices: int, dtype: np
     return 4 * math.prod(input_shape) + (4 + np.dtype(dtype).itemsize) * output_voxels
 
 
+def check_memory_budget(shape: tuple[int, int, int], factor: float, dtype: np.dtype, max_memory_gb: float) -> int:
+    """Refuse a budget that cannot hold the arrays; return the bytes left for tiles.
+
+    `shape` puts the slice axis first.
+    """
+    output_slices = geometry.output_slice_count(shape[0], factor)
+    fixed = array_bytes(shape, output_slices, dtype) + RUNTIME_BYTES
+    budget = int(max_memory_gb * 2**30)
+    if fixed >= budget:
+        raise InputError(
+            f"output of {output_slices}x{shape[1]}x{shape[2]} voxels needs {fixed / 2**30:.1f} GB "
+            f"for its arrays alone, more than the memory budget of {max_memory_gb:g} GB; raise --max-memory"
+        )
+    return budget - fixed
+
+
 def upsample_array(
     array: np.ndarray,
     factor: float,
@@ -167,14 +183,8 @@ def upsample_array(
     slices_first = np.moveaxis(array, axis, 0)
     shape = slices_first.shape
     positions = geometry.output_positions(shape[0], factor)
-    budget = int(max_memory_gb * 2**30)
-    fixed = array_bytes(shape, len(positions), array.dtype) + RUNTIME_BYTES
-    if fixed >= budget:
-        raise InputError(
-            f"output of {len(positions)}x{shape[1]}x{shape[2]} voxels needs {fixed / 2**30:.1f} GB "
-            f"for its arrays alone, more than the memory budget of {max_memory_gb:g} GB; raise --max-memory"
-        )
-    plan = plan_tiles(shape, factor, model, _device_workspace(device, budget - fixed))
+    workspace = check_memory_budget(shape, factor, array.dtype, max_memory_gb)
+    plan = plan_tiles(shape, factor, model, _device_workspace(device, workspace))
 
     low, high = model.config.normalization.bounds(slices_first)
     normalized = (slices_first.astype(np.float32) - low) / (high - low)

@@ -1,0 +1,182 @@
+"""`cycleinr upsample` as a user runs it: a real subprocess on a real CT crop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+THICK_SLICE_CT = "demo/lung-pet-ct-dx-a0002_chest_ct_8mm.nii.gz"
+
+
+def cycleinr(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "CycleINRLib.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def ct_crop(tmp_path_factory):
+    """A 96x80x12 crop of the real 8 mm chest CT, geometry kept (origin moved to the crop)."""
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / THICK_SLICE_CT
+    if not source.is_file():
+        pytest.skip(f"real volumes not available: {source} is absent (a fresh clone has no ../shared)")
+    image = sitk.ReadImage(str(source))
+    crop = image[200:296, 180:260, 8:20]
+    path = tmp_path_factory.mktemp("ct") / "chest_crop.nrrd"
+    sitk.WriteImage(crop, str(path))
+    return path
+
+
+def assert_refused(result, output: Path, fragment: str):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+    assert not output.exists()
+    if output.parent.exists():
+        assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}")]
+
+
+def test_upsample_real_ct_with_json_progress(ct_crop, tmp_path):
+    output = tmp_path / "up.nii.gz"
+    result = cycleinr("upsample", ct_crop, output, "--factor", "2.5", "--json-progress")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    progress = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert progress and progress == sorted(progress)
+    done = events[-1]
+    assert done["event"] == "done" and done["output"] == str(output.resolve())
+
+    source, upsampled = sitk.ReadImage(str(ct_crop)), sitk.ReadImage(str(output))
+    assert upsampled.GetSize() == (96, 80, 28) and list(upsampled.GetSize()) == done["size"]
+    assert np.allclose(upsampled.GetSpacing(), (source.GetSpacing()[0], source.GetSpacing()[1], 8.0 / 2.5))
+    assert np.allclose(upsampled.GetOrigin(), source.GetOrigin())
+    assert upsampled.GetPixelID() == source.GetPixelID()
+    acquired = sitk.GetArrayFromImage(source)
+    assert np.array_equal(sitk.GetArrayFromImage(upsampled)[::5], acquired[::2])  # kept verbatim
+
+
+def test_target_spacing_and_terminal_summary(ct_crop, tmp_path):
+    output = tmp_path / "up.mha"
+    result = cycleinr("upsample", ct_crop, output, "--spacing", "2", "--axis", "2")
+    assert result.returncode == 0, result.stderr
+    assert "output: 96x80x45 voxels" in result.stdout and "factor 4" in result.stdout
+    assert sitk.ReadImage(str(output)).GetSpacing()[2] == pytest.approx(2.0)
+
+
+def test_untrained_weights_are_announced(ct_crop, tmp_path):
+    from CycleINRLib.checkpoint import load_model
+
+    _, info = load_model()
+    result = cycleinr("upsample", ct_crop, tmp_path / "o.nrrd", "--factor", "2")
+    assert result.returncode == 0
+    assert ("UNTRAINED" in result.stderr) == (not info.trained)
+
+
+def _write(tmp_path, name, array, spacing=None):
+    image = sitk.GetImageFromArray(array, isVector=array.shape[-1] == 3)
+    if spacing:
+        image.SetSpacing(spacing)
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _garbage(path: Path) -> Path:
+    path.write_bytes(b"not an image at all")
+    return path
+
+
+def _time_series(path: Path) -> Path:
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16))] * 2), str(path))
+    return path
+
+
+def _non_uniform_dicom_series(folder: Path) -> Path:
+    folder.mkdir()
+    for index, z in enumerate([0.0, 5.0, 10.0, 17.5]):
+        image = sitk.GetImageFromArray(np.full((1, 8, 8), index, np.int16))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for key, value in {
+            "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0008|0060": "CT",
+            "0020|0032": f"0\\0\\{z}", "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(index + 1),
+            "0008|0018": f"1.2.3.4.{index + 1}",
+        }.items():
+            image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{index}.dcm"))
+        writer.Execute(image)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing", "no such file"),
+        ("unreadable", "cannot be read"),
+        ("two_d", "a 3D volume is needed"),
+        ("four_d", "a 3D volume is needed"),
+        ("rgb", "vector/RGB"),
+        ("nan", "NaN"),
+        ("factor_one", "greater than 1"),
+        ("factor_absurd", "maximum"),
+        ("spacing_too_large", "not smaller"),
+        ("too_large_for_budget", "memory budget"),
+        ("dicom_non_uniform", "non-uniform slice spacing"),
+        ("output_exists", "--overwrite"),
+        ("output_folder_missing", "does not exist"),
+        ("bad_weights", "safetensors"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
+    volume = np.zeros((4, 8, 8), np.int16)
+    good = _write(tmp_path, "good.nii.gz", volume, (1.0, 1.0, 5.0))
+    output = tmp_path / "out.nii.gz"
+    arguments = {
+        "missing": lambda: [tmp_path / "absent.nii.gz", output, "--factor", 2],
+        "unreadable": lambda: [_garbage(tmp_path / "broken.nii.gz"), output, "--factor", 2],
+        "two_d": lambda: [_write(tmp_path, "flat.nii.gz", np.zeros((8, 8), np.int16)), output, "--factor", 2],
+        "four_d": lambda: [_time_series(tmp_path / "time.nii.gz"), output, "--factor", 2],
+        "rgb": lambda: [_write(tmp_path, "rgb.mha", np.zeros((4, 8, 8, 3), np.uint8)), output, "--factor", 2],
+        "nan": lambda: [_write(tmp_path, "nan.mha", np.full((4, 8, 8), np.nan, np.float32)), output, "--factor", 2],
+        "factor_one": lambda: [good, output, "--factor", 1],
+        "factor_absurd": lambda: [good, output, "--factor", 25],
+        "spacing_too_large": lambda: [good, output, "--spacing", 6],
+        "too_large_for_budget": lambda: [good, output, "--factor", 2, "--max-memory", 0.1],
+        "dicom_non_uniform": lambda: [_non_uniform_dicom_series(tmp_path / "series"), output, "--factor", 2],
+        "output_exists": lambda: [good, good, "--factor", 2],
+        "output_folder_missing": lambda: [good, tmp_path / "nowhere" / "out.nii.gz", "--factor", 2],
+        "bad_weights": lambda: [good, output, "--factor", 2, "--weights", good],
+    }[case]()
+    result = cycleinr("upsample", *arguments)
+    if case == "output_exists":
+        assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
+        return
+    assert_refused(result, Path(arguments[1]), fragment)
+
+
+def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):
+    output = tmp_path / "cancelled.nii.gz"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output), "--factor", "6",
+         "--json-progress", "--max-memory", "0.65"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    for line in process.stdout:
+        if json.loads(line).get("stage") == "upsample":
+            break
+    process.send_signal(signal.SIGTERM)
+    remaining, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    assert json.loads(remaining.strip().splitlines()[-1])["event"] == "error"
+    assert "Traceback" not in errors
+    assert list(tmp_path.iterdir()) == []
