@@ -57,6 +57,9 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     engine.check_memory_budget(slices_first, factor, volume.array.dtype, args.max_memory)
     if not weights.trained:
         reporter.warning(f"using {weights.label}: the result is not a trained super-resolution")
+    if weights.config.normalization.kind == "window" and volume.array.min() > weights.config.normalization.low + 500:
+        reporter.warning(f"the input's lowest value is {volume.array.min()}, so it does not look like CT in HU "
+                         f"(air is about -1000); {weights.path.name} expects CT")
 
     reporter.set_stage("upsample")
     result = engine.upsample_volume(

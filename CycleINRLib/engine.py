@@ -220,14 +220,13 @@ def _run_tiles(volume, positions, model, plan, device, progress, should_cancel) 
             slices = np.flatnonzero(depth_weights[d])
             cores = (depth_tiles[d], row_tiles[r], column_tiles[c])
             weights = (depth_weights[d], row_weights[r][cores[1][0]:cores[1][1]], column_weights[c][cores[2][0]:cores[2][1]])
-            for chunk_done, chunk in enumerate(np.array_split(slices, max(1, math.ceil(len(slices) / plan.slices_per_chunk)))):
+            tile = _encode_tile(volume, cores, plan.halo, model, device)
+            chunks = np.array_split(slices, max(1, math.ceil(len(slices) / plan.slices_per_chunk)))
+            for chunk_done, chunk in enumerate(chunks, start=1):
                 _check_cancel(should_cancel)
-                if chunk_done == 0:
-                    tile = _encode_tile(volume, cores, plan.halo, model, device)
                 _decode_chunk(tile, chunk, positions, cores, weights, model, result)
                 if progress:
-                    fraction = (done + (chunk_done + 1) * len(chunk) / max(len(slices), 1)) / len(jobs)
-                    progress(min(fraction, 1.0), f"tile {done + 1}/{len(jobs)}")
+                    progress((done + chunk_done / len(chunks)) / len(jobs), f"tile {done + 1}/{len(jobs)}")
     return result
 
 
