@@ -27,12 +27,12 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import command_upsample
+    from . import command_evaluate, command_snli, command_upsample
 
     parser = _ArgumentParser(prog="cycleinr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cycleinr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    for module in (command_upsample,):
+    for module in (command_upsample, command_snli, command_evaluate):
         module.register(commands)
     return parser
 

@@ -1,0 +1,194 @@
+"""`cycleinr evaluate TRUTH... --output-dir DIR`: upsamplers against thin-slice truth.
+
+Writes results.csv, results.md (a table ready for the README) and, per volume and case,
+a picture of coronal and sagittal crops and one of the per-slice noise profiles. Everything
+is written into a hidden staging folder first and moved into place at the end, so a failed
+or cancelled run leaves no partial results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from .baselines import BASELINES
+from .degrade import DEGRADATIONS
+from .errors import InputError
+from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
+from .figures import partial_name, profile_figure, save_figure, views_figure
+from .geometry import slice_axis
+from .io import read_volume
+from .metrics import CT_RANGE, lpips_availability
+from .progress import Reporter
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+DEGRADATION_NOTES = {
+    "interval": "interval: keep every k-th thin slice (the paper's protocol)",
+    "thick": "thick: average over a box slice profile k thin slices wide, as a thick-slice reconstruction does",
+}
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="compare upsamplers against thin-slice ground truth (PSNR, SSIM, SNLI, pictures)",
+        description="Degrade thin-slice volumes (keep every k-th slice), upsample them back by r with each "
+        "method, and compare with the truth on the generated slices and on all slices.",
+    )
+    parser.add_argument("truth", nargs="+", metavar="VOLUME",
+                        help="thin-slice ground truth: volume files, DICOM series folders, or folders of volume files")
+    parser.add_argument("--output-dir", "-o", required=True,
+                        help="folder for results.csv, results.md and the pictures (created; or pass --overwrite)")
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="K:R",
+                        help="keep every k-th slice, upsample by r; k/r must be whole (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=METHODS,
+                        help="default: %(default)s; cycleinr uses --weights")
+    parser.add_argument("--degradation", nargs="+", default=["interval"], choices=DEGRADATIONS,
+                        help="how the thick-slice input is made (default: interval)")
+    parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
+                        help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest")
+    parser.add_argument("--range", dest="value_range", default="ct", metavar="ct|truth|LOW:HIGH",
+                        help="clip values to this range before PSNR/SSIM, its width being the data range; "
+                        "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
+    parser.add_argument("--weights", help="weights file for cycleinr (.safetensors); default: the bundled CT weights")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="for cycleinr")
+    parser.add_argument("--json-progress", action="store_true",
+                        help="one JSON object per line on stdout (progress, warnings, errors, summary)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing, non-empty output folder, replacing files of the same name")
+    parser.set_defaults(run=run, make_reporter=lambda args: Reporter(args.json_progress, stage="evaluate"))
+
+
+def run(args: argparse.Namespace, reporter: Reporter) -> int:
+    cases = [parse_case(text) for text in args.cases]
+    value_range = _parse_range(args.value_range)
+    paths = _truth_paths(args.truth)
+    output_dir = _check_output_dir(Path(args.output_dir), args.overwrite)
+    lpips, lpips_reason = lpips_availability()
+    methods = make_methods(args.methods, args.weights, args.device)
+    total = len(paths) * len(args.degradation) * len(cases) * len(methods)
+    done = []
+
+    def step(label: str) -> None:
+        done.append(label)
+        reporter.progress(len(done) / total, label)
+
+    staging = output_dir.parent / partial_name(output_dir.name)
+    staging.mkdir()
+    try:
+        rows, names, ranges = [], [], []
+        for path in paths:
+            reporter.progress(len(done) / total, f"reading {path.name}")
+            volume = read_volume(path)
+            axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
+            name = _unique_name(path, names)
+            volume_range = value_range or (float(volume.array.min()), float(volume.array.max()))
+            ranges.append(volume_range)
+            for degradation in args.degradation:
+                for result in evaluate_volume(volume.array, 2 - axis, volume.spacing[::-1], cases, methods,
+                                              degradation, volume_range, name, lpips, step):
+                    rows += result.rows
+                    _draw(result, name, staging)
+        if len(paths) > 1:
+            rows += mean_rows(rows)
+        write_csv(rows, staging / "results.csv")
+        notes = _notes(args.degradation, methods, names, ranges, lpips, lpips_reason)
+        table = markdown_table(rows, notes)
+        (staging / "results.md").write_text(table)
+        written = sorted(p.name for p in staging.iterdir())
+        _publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary = {"output_dir": str(output_dir.resolve()), "rows": len(rows), "files": written}
+    reporter.done(summary, f"{table}\n{len(written)} files -> {output_dir}")
+    return 0
+
+
+def _draw(result, name: str, folder: Path) -> None:
+    stem = f"{name}_{result.degradation}_{result.case.label.replace(':', '-')}"
+    title = f"{name}, {result.degradation} {result.case.label}"
+    save_figure(views_figure(result, title), folder / f"{stem}_views.png")
+    methods = {row["method"]: result.profiles[row["method"]] for row in result.rows}
+    slice_spacing = next(iter(result.view_spacing.values()))[0]
+    save_figure(profile_figure(methods, slice_spacing, f"{title}: per-slice noise level",
+                               reference=result.profiles["truth"]), folder / f"{stem}_noise.png")
+
+
+def _parse_range(text: str) -> tuple[float, float] | None:
+    """`ct`, `truth` (None: each volume's own) or `LOW:HIGH`."""
+    if text == "ct":
+        return CT_RANGE
+    if text == "truth":
+        return None
+    try:
+        low, high = (float(value) for value in text.split(":"))
+    except ValueError:
+        raise InputError(f"--range {text!r} must be ct, truth or LOW:HIGH") from None
+    if not high > low:
+        raise InputError(f"--range {text}: HIGH must be greater than LOW")
+    return low, high
+
+
+def _truth_paths(arguments: list[str]) -> list[Path]:
+    """Files as given; a folder's volume files, or the folder itself as a DICOM series."""
+    paths = []
+    for argument in arguments:
+        path = Path(argument)
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+            paths += files or [path]
+        else:
+            paths.append(path)
+    return paths
+
+
+def _unique_name(path: Path, names: list[str]) -> str:
+    """The file name without its volume suffix, numbered if an earlier volume has it; appended to `names`."""
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name in names:
+        name = f"{name}-{len(names) + 1}"
+    names.append(name)
+    return name
+
+
+def _check_output_dir(path: Path, overwrite: bool) -> Path:
+    if not path.parent.resolve().is_dir():
+        raise InputError(f"{path}: parent folder {path.parent} does not exist")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise InputError(f"{path}: folder is not empty; pass --overwrite to replace the files evaluate writes there")
+    return path
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Move the finished files into place: the whole folder at once when it is new."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    for item in staging.iterdir():
+        os.replace(item, output_dir / item.name)
+
+
+def _notes(degradations, methods, names, ranges, lpips: bool, lpips_reason: str) -> list[str]:
+    spans = sorted({f"[{low:g}, {high:g}] (data range {high - low:g})" for low, high in ranges})
+    return [
+        f"ground truth: {', '.join(names)}",
+        "degradation " + "; ".join(DEGRADATION_NOTES[d] for d in degradations),
+        "methods: " + "; ".join(f"{m.name} = {m.description}" for m in methods),
+        "gen: generated slices only (output slices that coincide with no input slice); all: every output slice",
+        f"values clipped to {', '.join(spans)} before PSNR (scikit-image, over the voxels) and SSIM "
+        "(scikit-image, 2D 7x7 window per slice, mean over slices)",
+        "SNLI and mean noise: std and mean of the per-slice Donoho-Johnstone noise levels of the output; "
+        "in parentheses the truth's at the output spacing",
+        f"LPIPS: {lpips_reason}" if lpips else f"LPIPS: not computed, {lpips_reason}",
+        "seconds: time the method took to upsample, per volume and case",
+    ]

@@ -1,0 +1,105 @@
+"""Pictures for `cycleinr snli` and `cycleinr evaluate`, drawn off-screen (matplotlib Agg).
+
+Figures are built with matplotlib's object API (no pyplot state) and written atomically, so
+an interrupted run leaves no half-written PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .errors import InputError
+from .evaluate import CaseResult
+from .metrics import snli
+
+PANEL_INCHES = 2.4
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+    """Write `figure` as PNG through a temporary file in the same folder, renamed when complete."""
+    path = Path(path)
+    temporary = path.with_name(partial_name(path.name))
+    try:
+        figure.savefig(temporary, dpi=110, format="png")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def partial_name(name: str) -> str:
+    """A hidden, unique name for `name` while it is being written."""
+    return f".{name}.{uuid.uuid4().hex[:8]}.partial"
+
+
+def profile_figure(panels: Mapping[str, np.ndarray], slice_spacing: float, title: str,
+                   reference: np.ndarray | None = None, reference_label: str = "truth") -> Figure:
+    """Per-slice noise level against slice position (mm), one panel per profile, each over
+    `reference` when given: interpolation shows as a saw-tooth under the truth's level."""
+    figure = Figure(figsize=(8, 1.2 + 1.8 * len(panels)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (label, levels) in zip(axes, panels.items()):
+        if reference is not None:
+            ax.plot(np.arange(len(reference)) * slice_spacing, reference, color="0.6", lw=1.2, label=reference_label)
+        ax.plot(np.arange(len(levels)) * slice_spacing, levels, color="C0", lw=0.9,
+                label=f"{label} (SNLI {snli(levels):.3g})")
+        ax.set_ylabel("noise level")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("slice position (mm)")
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def views_figure(result: CaseResult, title: str) -> Figure:
+    """For each view: crops of input (nearest slice), every method and the truth, and under
+    the methods their absolute error against the truth on one shared scale."""
+    columns = list(next(iter(result.views.values())))
+    methods = [c for c in columns if c not in ("input", "truth")]
+    row_heights = []
+    for view, crops in result.views.items():
+        slice_spacing, in_plane = result.view_spacing[view]
+        rows, width = crops["truth"].shape
+        row_heights += [rows * slice_spacing / (width * in_plane)] * 2
+    figure = Figure(figsize=(PANEL_INCHES * len(columns) + 1, PANEL_INCHES * sum(row_heights) + 0.6),
+                    layout="constrained")
+    axes = figure.subplots(len(row_heights), len(columns), squeeze=False, height_ratios=row_heights)
+    for row, (view, crops) in enumerate(result.views.items()):
+        aspect = result.view_spacing[view][0] / result.view_spacing[view][1]
+        low, high = np.percentile(crops["truth"], [1, 99])
+        errors = {m: np.abs(crops[m] - crops["truth"]) for m in methods}
+        error_max = max(float(np.percentile(e, 99.5)) for e in errors.values()) or 1.0
+        for column, name in enumerate(columns):
+            image_ax, error_ax = axes[2 * row, column], axes[2 * row + 1, column]
+            image_ax.imshow(crops[name], cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect,
+                            interpolation="nearest")
+            image_ax.set_title(f"{view}: {name}", fontsize=9)
+            if name in errors:
+                shown = error_ax.imshow(errors[name], cmap="magma", vmin=0, vmax=error_max, origin="lower",
+                                        aspect=aspect, interpolation="nearest")
+                error_ax.set_title(f"|{name} - truth|", fontsize=9)
+            for ax in (image_ax, error_ax):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_frame_on(name in errors or ax is image_ax)
+        figure.colorbar(shown, ax=axes[2 * row + 1, :], shrink=0.8, label="abs error")
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def check_png_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a picture path that is not .png, lies in a missing folder, or exists (without overwrite)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InputError(f"{path}: picture must end in .png")
+    if not path.parent.resolve().is_dir():
+        raise InputError(f"{path}: folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: file exists; pass --overwrite to replace it")
+    return path

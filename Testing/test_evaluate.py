@@ -1,0 +1,168 @@
+"""Baselines on the grid convention, the evaluation harness, and the snli/evaluate commands."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CycleINRLib import metrics
+from CycleINRLib.baselines import BASELINES, INTERPOLATORS, interpolate
+from CycleINRLib.cli import main
+from CycleINRLib.errors import InputError
+from CycleINRLib.evaluate import Case, Method, evaluate_volume, make_methods, parse_case
+from CycleINRLib.geometry import output_slice_count
+from CycleINRLib.io import Volume, read_volume, write_volume
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(*arguments, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "CycleINRLib.cli", *map(str, arguments)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("factor", [2.0, 2.5, 3.7])
+@pytest.mark.parametrize("method", BASELINES)
+def test_baselines_equal_simpleitk_resampling_on_the_output_grid(method, factor):
+    """Same as resampling the whole 3D image with SimpleITK onto j / r, spacing s / r."""
+    array = np.random.default_rng(0).normal(0, 100, (9, 12, 10)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.7, 2.0))
+    size = [10, 12, output_slice_count(9, factor)]
+    expected = sitk.GetArrayFromImage(sitk.Resample(
+        image, size, sitk.Transform(), INTERPOLATORS[method], image.GetOrigin(), (0.7, 0.7, 2.0 / factor),
+        image.GetDirection(), 0.0, sitk.sitkFloat32))
+    np.testing.assert_allclose(interpolate(array, factor, 0, method), expected, atol=1e-3)
+    along_i = interpolate(np.moveaxis(array, 0, 2), factor, 2, method)
+    np.testing.assert_allclose(np.moveaxis(along_i, 2, 0), expected, atol=1e-3)
+
+
+def test_baselines_keep_integer_dtype_and_acquired_slices():
+    array = np.random.default_rng(1).integers(-1024, 3071, (6, 8, 8)).astype(np.int16)
+    for method in BASELINES:
+        result = interpolate(array, 3, 0, method)
+        assert result.dtype == np.int16 and result.shape == (16, 8, 8)
+        np.testing.assert_array_equal(result[::3], array)
+    np.testing.assert_array_equal(interpolate(array, 2, 0, "linear")[1], np.rint((array[0] + array[1].astype(float)) / 2))
+
+
+def test_cases_are_parsed_and_refused_with_a_reason():
+    assert parse_case("5:2.5") == Case(5, 2.5) and parse_case("5:2.5").step == 2
+    assert parse_case("3:3").label == "3:3"
+    for text, reason in [("5:2", "whole number"), ("5", "k:r"), ("a:2", "k:r"), ("1:1", "at least 2"),
+                         ("4:0.5", "greater than 1")]:
+        with pytest.raises(InputError, match=reason):
+            parse_case(text)
+
+
+def noisy_truth(slices=41, size=48, seed=3):
+    """A smooth phantom along all axes with noise: something interpolation gets partly right."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*(np.linspace(0, 3 * np.pi, n) for n in (slices, size, size)), indexing="ij")
+    return (400 * np.sin(k) * np.cos(j) + 200 * np.sin(i) + rng.normal(0, 20, k.shape)).astype(np.int16)
+
+
+def test_harness_compares_each_output_slice_with_the_truth_at_its_position():
+    """An upsampler that returns the truth at j * k / r plus 409.5 HU scores exactly 20 dB
+    everywhere; any misalignment between outputs and truth would cost far more."""
+    truth = noisy_truth()
+    case = Case(5, 2.5)
+
+    def truth_plus_offset(low_resolution, factor, axis):
+        count = output_slice_count(low_resolution.shape[axis], factor)
+        return np.take(truth, np.arange(count) * case.step, axis=axis) + 409.5
+
+    oracle = Method("oracle", truth_plus_offset, "truth + 409.5")
+    (result,) = evaluate_volume(truth, 0, (1.25, 0.7, 0.7), [case], [oracle, *make_methods(["linear"])])
+    oracle_row, linear_row = result.rows
+    assert (oracle_row["output_slices"], oracle_row["generated_slices"]) == (21, 16)  # 9 inputs, j = 0, 5, .. acquired
+    assert oracle_row["psnr_generated"] == pytest.approx(20.0) and oracle_row["psnr_all"] == pytest.approx(20.0)
+    assert oracle_row["snli"] == pytest.approx(oracle_row["snli_truth"], rel=1e-3)
+    assert linear_row["psnr_generated"] < linear_row["psnr_all"]  # its acquired slices are exact
+    assert linear_row["noise_mean"] < linear_row["noise_mean_truth"]  # interpolation smooths the noise
+    assert set(result.views["coronal"]) == {"input", "oracle", "linear", "truth"}
+    assert result.view_spacing["coronal"] == (2.5, 0.7)
+
+
+def test_thick_degradation_is_used_and_reported():
+    truth = noisy_truth(slices=31, size=32)
+    linear = make_methods(["linear"])
+    interval, = evaluate_volume(truth, 0, (1, 1, 1), [Case(3, 3)], linear, "interval")
+    thick, = evaluate_volume(truth, 0, (1, 1, 1), [Case(3, 3)], linear, "thick")
+    assert thick.rows[0]["degradation"] == "thick"
+    assert thick.rows[0]["psnr_all"] != interval.rows[0]["psnr_all"]
+    assert thick.rows[0]["noise_mean"] < interval.rows[0]["noise_mean"]  # averaging slices lowers noise
+
+
+def test_snli_command_prints_one_json_object_and_plots(tmp_path):
+    array = np.stack([np.random.default_rng(s).normal(0, sigma, (64, 64)) for s, sigma in enumerate([5, 50, 5, 50])])
+    path = write_volume(Volume(array.astype(np.float32), (0.5, 0.5, 3.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                        tmp_path / "sawtooth.nii.gz")
+    done = cli("snli", path, "--json", "--plot", tmp_path / "profile.png")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # one object, nothing else on stdout
+    assert summary["axis"] == 2 and summary["slices"] == 4
+    assert summary["snli"] == pytest.approx(metrics.snli(metrics.slice_noise_levels(array, 0)), abs=1e-3)
+    assert summary["snli"] == pytest.approx(22.5, rel=0.1)
+    assert (tmp_path / "profile.png").read_bytes().startswith(PNG_MAGIC)
+    text = cli("snli", path, "--axis", "0")
+    assert text.returncode == 0 and text.stdout.startswith("SNLI ") and "along axis 0" in text.stdout
+
+
+def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsys):
+    volume = tmp_path / "v.nii.gz"
+    write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), volume)
+    for arguments, reason in [
+        (("evaluate", volume, "-o", tmp_path / "out", "--cases", "5:2"), "whole number"),
+        (("evaluate", tmp_path / "missing.nii.gz", "-o", tmp_path / "out"), "no such file"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "9:3"), "greater than LOW"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--cases", "20:2"), "too few"),
+        (("snli", volume, "--plot", tmp_path / "p.jpg"), "must end in .png"),
+    ]:
+        assert main([str(a) for a in arguments]) == 2, arguments
+        stderr = capsys.readouterr().err
+        assert reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nii.gz"]
+
+
+def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
+    """The real command on a 40-slice, 64x64 crop of the validation CT, linear and cubic,
+    both degradations: CSV, Markdown and pictures, progress to 1.0, nothing left behind."""
+    (source,) = sorted((shared_data / "ct" / "val").glob("lidc-0002_*.nii.gz"))
+    full = read_volume(source)
+    k, j, i = (n // 2 for n in full.array.shape)
+    crop = full.array[k - 20:k + 20, j - 32:j + 32, i - 32:i + 32]
+    volume = write_volume(Volume(np.ascontiguousarray(crop), full.spacing, full.origin, full.direction),
+                          tmp_path / "crop.nii.gz")
+    output = tmp_path / "results"
+    done = cli("evaluate", volume, "-o", output, "--cases", "2:2", "5:2.5", "--methods", "linear", "cubic",
+               "--degradation", "interval", "thick", "--json-progress")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and events[-1]["event"] == "done" and events[-1]["fraction"] == 1.0
+
+    with open(output / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["degradation"], r["case"], r["method"]) for r in rows] == [
+        (d, c, m) for d in ("interval", "thick") for c in ("2:2", "5:2.5") for m in ("linear", "cubic")]
+    for row in rows:
+        assert 20 < float(row["psnr_generated"]) < 60 and 0 < float(row["ssim_generated"]) <= 1
+        assert float(row["snli_truth"]) > 0 and float(row["seconds"]) >= 0
+        if row["degradation"] == "interval":
+            assert float(row["psnr_generated"]) < float(row["psnr_all"])  # acquired slices are exact
+    table = (output / "results.md").read_text()
+    assert table.startswith("| volume | degradation | k:r | method |") and "LPIPS" in table
+    pictures = sorted(p.name for p in output.glob("*.png"))
+    assert len(pictures) == 8 and "crop_thick_5-2.5_views.png" in pictures
+    assert all((output / name).read_bytes().startswith(PNG_MAGIC) for name in pictures)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.nii.gz", "results"]
+
+    again = cli("evaluate", volume, "-o", output, "--cases", "2:2", "--methods", "linear")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
