@@ -22,6 +22,7 @@ from CycleINRLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CycleINRLib.models import CycleINR  # noqa: E402
 from Training import checkpointing, data, losses  # noqa: E402
 from Training.config import TrainConfig  # noqa: E402
+from Training.export_weights import export  # noqa: E402
 from Training.train import train  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -107,6 +108,9 @@ def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "resumed")] == ["step-0000003.json", "step-0000006.json"]
+    exported, info = load_model(export(tmp_path / "resumed" / "step-0000006.json", tmp_path / "exported.safetensors"))
+    assert info.trained and info.provenance["steps"] == 6 and info.provenance["training_data"] == ["a.nii.gz", "b.nii.gz"]
+    assert all(torch.equal(tensor, exported.state_dict()[name]) for name, tensor in straight.state_dict().items())
 
 
 def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path) -> None:

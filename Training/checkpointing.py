@@ -69,10 +69,15 @@ def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
     return description, load_file(str(Path(json_path).with_suffix(".safetensors")))
 
 
+def model_tensors(tensors: dict) -> dict:
+    """The model's state dict within a checkpoint's tensors."""
+    return {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
+
+
 def restore(json_path: Path, model, optimizer, scheduler) -> dict:
     """Load model, optimizer, scheduler and RNG states in place; returns the description."""
     description, tensors = read_checkpoint(json_path)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict(model_tensors(tensors))
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

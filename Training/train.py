@@ -72,6 +72,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         wall_before, best_psnr = metrics.get("wall_seconds", 0.0), metrics.get("best_val_psnr", float("-inf"))
         if master:
             print(f"resuming from {existing[-1]} at step {step}")
+    metrics.update(training_data=[volume.name for volume in volumes], machine=machine_description())
     objective = losses.CycleObjective(model)
     if distributed:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -114,11 +115,11 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
             for key, value in results.items():
                 writer.add_scalar(f"val/{key}", value, step)
             writer.add_image("val/coronal_truth_linear_cycleinr", preview, step, dataformats="HW")
-            metrics["val"] = results
+            metrics.update(val=results, val_step=step)
             if results["mean_psnr"] > best_psnr:
                 best_psnr = metrics["best_val_psnr"] = results["mean_psnr"]
                 save_model(model, out_dir / "best_model.safetensors", trained=True,
-                           provenance=provenance(config, volumes, validation, step, metrics))
+                           provenance=provenance(config, step, metrics))
         if step % config.run.checkpoint_every == 0 or step == config.optim.steps:
             if master:
                 checkpointing.save_checkpoint(out_dir, step, model, optimizer, scheduler, config.to_dict(), metrics,
@@ -133,18 +134,24 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     return model, history
 
 
-def provenance(config: TrainConfig, volumes, validation, step: int, metrics: dict) -> dict:
+def machine_description() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {device}, torch {torch.__version__}"
+
+
+def provenance(config: TrainConfig, step: int, metrics: dict) -> dict:
     """What a shipped weights file says about its origin."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     return {
-        "training_data": [volume.name for volume in volumes],
-        "validation_data": validation.names,
+        "training_data": metrics["training_data"],
+        "validation_data": config.data.val,
         "validation_crop": config.run.val_crop,
         "steps": step,
-        "patches_seen": step * config.data.batch_size * (dist.get_world_size() if dist.is_initialized() else 1),
+        "patches_seen": step * config.data.batch_size * world_size,
         "wall_seconds": round(metrics["wall_seconds"]),
-        "machine": f"{platform.node()} {platform.machine()} {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
-                   f", torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": metrics["machine"],
         "validation": metrics.get("val", {}),
+        "validation_step": metrics.get("val_step"),
         "train_config": config.to_dict(),
     }
 

@@ -1,0 +1,40 @@
+"""Turn a training checkpoint into a weights file for `cycleinr` (by default the bundled one).
+
+    python Training/export_weights.py runs/ct_cpu/step-0001000.json
+    python Training/export_weights.py runs/ct_cpu/step-0001000.json --output my_weights.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, save_model
+from CycleINRLib.models import CycleINR
+from Training.checkpointing import model_tensors, read_checkpoint
+from Training.config import TrainConfig
+from Training.train import provenance
+
+
+def export(checkpoint: Path, output: Path) -> Path:
+    description, tensors = read_checkpoint(checkpoint)
+    config = TrainConfig.from_dict(description["config"])
+    model = CycleINR(config.model_config())
+    model.load_state_dict(model_tensors(tensors))
+    return save_model(model, output, trained=True, provenance=provenance(config, description["step"], description["metrics"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a step-NNNNNNN.json file of a training run")
+    parser.add_argument("--output", type=Path, default=DEFAULT_WEIGHTS, help=f"default: {DEFAULT_WEIGHTS}")
+    args = parser.parse_args(argv)
+    print(f"wrote {export(args.checkpoint, args.output)}")
+
+
+if __name__ == "__main__":
+    main()
