@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from scipy import sparse
 
 from .geometry import check_factor, output_slice_count
+from .io import to_pixel_type
 
 INTERPOLATORS = {
     "linear": sitk.sitkLinear,
@@ -51,7 +52,4 @@ def interpolate(array: np.ndarray, factor: float, axis: int = 0, method: str = "
     weights = slice_weights(moved.shape[0], factor, method)
     flat = moved.reshape(moved.shape[0], -1).astype(np.float32)
     result = np.asarray(weights @ flat).reshape((weights.shape[0],) + moved.shape[1:])
-    if np.issubdtype(array.dtype, np.integer):
-        info = np.iinfo(array.dtype)
-        result = np.clip(np.rint(result), info.min, info.max)
-    return np.moveaxis(result.astype(array.dtype, copy=False), 0, axis)
+    return np.moveaxis(to_pixel_type(result, array.dtype), 0, axis)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import WeightsError
+from .io import atomic_output
 from .models import CycleINR
 
 FORMAT_VERSION = 1
@@ -49,14 +49,8 @@ def save_model(model: CycleINR, path: str | os.PathLike, trained: bool, provenan
         "provenance": provenance or {},
     }
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={METADATA_KEY: json.dumps(description)})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(description)})
     return path
 
 

@@ -17,9 +17,9 @@ from .baselines import BASELINES
 from .degrade import DEGRADATIONS
 from .errors import InputError
 from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
-from .figures import partial_name, profile_figure, save_figure, views_figure
+from .figures import profile_figure, save_figure, views_figure
 from .geometry import slice_axis
-from .io import read_volume
+from .io import partial_name, read_volume
 from .metrics import CT_RANGE, lpips_availability
 from .progress import Reporter
 

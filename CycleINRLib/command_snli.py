@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .figures import check_png_path, profile_figure, save_figure
+from .figures import profile_figure, save_figure
 from .geometry import slice_axis
-from .io import read_volume
+from .io import check_output_path, read_volume
 from .metrics import noise_profile
 from .progress import Reporter
 
@@ -29,7 +29,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace, reporter: Reporter) -> int:
-    plot = check_png_path(args.plot, args.overwrite) if args.plot else None
+    plot = check_output_path(args.plot, args.overwrite, suffixes=(".png",)) if args.plot else None
     volume = read_volume(args.volume)
     axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
     profile = noise_profile(volume.array, 2 - axis)  # numpy axis of ITK axis `axis`

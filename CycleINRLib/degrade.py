@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .io import to_pixel_type
+
 DEGRADATIONS = ("interval", "thick")
 
 
@@ -26,11 +28,7 @@ def degrade(array: np.ndarray, keep_every: int, axis: int = 0, mode: str = "inte
     if mode == "interval":
         low = moved[centres]
     else:
-        low = np.stack([_box_average(moved, c, keep_every) for c in centres])
-        if np.issubdtype(array.dtype, np.integer):
-            info = np.iinfo(array.dtype)
-            low = np.clip(np.rint(low), info.min, info.max)
-        low = low.astype(array.dtype)
+        low = to_pixel_type(np.stack([_box_average(moved, c, keep_every) for c in centres]), array.dtype)
     return np.moveaxis(low, 0, axis)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from . import geometry
 from .errors import InputError, UpsampleCancelled
-from .io import Volume
+from .io import Volume, to_pixel_type
 from .models import CycleINR
 from .models.latent_sampling import LatentGrid
 
@@ -193,7 +193,7 @@ def upsample_array(
     if keep_acquired_slices:
         for out_index, in_index in geometry.acquired_slice_matches(shape[0], factor):
             result[out_index] = slices_first[in_index]
-    return np.moveaxis(_cast_like(result, array.dtype), 0, axis)
+    return np.moveaxis(to_pixel_type(result, array.dtype), 0, axis)
 
 
 def _device_workspace(device: torch.device, host_workspace: int) -> int:
@@ -263,15 +263,6 @@ def _decode_chunk(tile: _EncodedTile, chunk, positions, cores, weights, model, r
     depth_weights, row_weights, column_weights = weights
     blend = depth_weights[chunk, None, None] * row_weights[None, :, None] * column_weights[None, None, :]
     result[chunk, row_start:row_stop, column_start:column_stop] += core * blend
-
-
-def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Round and clip to an integer type's range; floats keep their precision."""
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        np.rint(values, out=values)
-        np.clip(values, info.min, info.max, out=values)
-    return values.astype(dtype, copy=False)
 
 
 def upsample_volume(

@@ -7,15 +7,14 @@ an interrupted run leaves no half-written PNG.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from .errors import InputError
 from .evaluate import CaseResult
+from .io import atomic_output
 from .metrics import snli
 
 PANEL_INCHES = 2.4
@@ -24,19 +23,9 @@ PANEL_INCHES = 2.4
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Write `figure` as PNG through a temporary file in the same folder, renamed when complete."""
     path = Path(path)
-    temporary = path.with_name(partial_name(path.name))
-    try:
+    with atomic_output(path) as temporary:
         figure.savefig(temporary, dpi=110, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return path
-
-
-def partial_name(name: str) -> str:
-    """A hidden, unique name for `name` while it is being written."""
-    return f".{name}.{uuid.uuid4().hex[:8]}.partial"
 
 
 def profile_figure(panels: Mapping[str, np.ndarray], slice_spacing: float, title: str,
@@ -91,15 +80,3 @@ def views_figure(result: CaseResult, title: str) -> Figure:
         figure.colorbar(shown, ax=axes[2 * row + 1, :], shrink=0.8, label="abs error")
     figure.suptitle(title, fontsize=10)
     return figure
-
-
-def check_png_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a picture path that is not .png, lies in a missing folder, or exists (without overwrite)."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise InputError(f"{path}: picture must end in .png")
-    if not path.parent.resolve().is_dir():
-        raise InputError(f"{path}: folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: file exists; pass --overwrite to replace it")
-    return path

@@ -7,9 +7,11 @@ geometry in ITK's order (i, j, k): spacing, origin and a row-major 3x3 direction
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -127,11 +129,11 @@ def validate_volume(volume: Volume, name: str) -> Volume:
     return volume
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[str, ...] = WRITABLE_SUFFIXES) -> Path:
     """Refuse an output that exists (without overwrite), a missing folder or an unknown suffix."""
     path = Path(path)
-    if not str(path).lower().endswith(WRITABLE_SUFFIXES):
-        raise InputError(f"{path}: output must end in one of {', '.join(WRITABLE_SUFFIXES)}")
+    if not str(path).lower().endswith(suffixes):
+        raise InputError(f"{path}: output must end in {' or '.join(suffixes)}")
     if not path.parent.resolve().is_dir():
         raise InputError(f"{path}: output folder {path.parent} does not exist")
     if path.exists() and not overwrite:
@@ -140,23 +142,34 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write atomically: a temporary file in the same folder, renamed only once complete."""
+    """Write atomically: nothing appears at `path` unless the whole file was written."""
     path = check_output_path(path, overwrite)
-    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        _permissions_as_umask(temporary)
-        sitk.WriteImage(volume.to_sitk(), temporary, useCompression=True)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary:
+        sitk.WriteImage(volume.to_sitk(), str(temporary), useCompression=True)
     return path
 
 
-def _permissions_as_umask(path: str) -> None:
-    """mkstemp creates files readable by the owner only; give the usual rights instead."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary path beside `path` (same suffix), renamed to `path` only if the
+    block completes; removed in every other case."""
+    path = Path(path)
+    temporary = path.with_name(partial_name(path.name))
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def partial_name(name: str) -> str:
+    """A hidden, unique name for `name` while it is being written (same suffix)."""
+    return f".partial-{uuid.uuid4().hex[:8]}-{name}"
+
+
+def to_pixel_type(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast computed intensities to a pixel type: integers are rounded and clipped to its range."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(dtype, copy=False)
