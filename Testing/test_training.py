@@ -98,7 +98,9 @@ def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
-    straight, straight_history = train(small_config(crops, tmp_path / "straight"))
+    straight_config = small_config(crops, tmp_path / "straight")
+    straight_config.data.workers = 1  # worker processes, as in real runs
+    straight, straight_history = train(straight_config)
     interrupted = small_config(crops, tmp_path / "resumed", steps=3)
     _, first_half = train(interrupted)
     interrupted.optim.steps = 6
@@ -107,6 +109,10 @@ def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
     assert [r["loss"] for r in first_half + second_half] == [r["loss"] for r in straight_history]
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+    _, straight_state = checkpointing.read_checkpoint(tmp_path / "straight" / "step-0000006.json")
+    _, resumed_state = checkpointing.read_checkpoint(tmp_path / "resumed" / "step-0000006.json")
+    assert straight_state.keys() == resumed_state.keys()  # model, Adam moments and RNG states alike
+    assert all(torch.equal(straight_state[k], resumed_state[k]) for k in straight_state)
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "resumed")] == ["step-0000003.json", "step-0000006.json"]
     exported, info = load_model(export(tmp_path / "resumed" / "step-0000006.json", tmp_path / "exported.safetensors"))
     assert info.trained and info.provenance["steps"] == 6 and info.provenance["training_data"] == ["a.nii.gz", "b.nii.gz"]

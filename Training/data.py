@@ -166,6 +166,9 @@ def batch_stream(dataset: PairBatches, rank: int, world_size: int, start_step: i
     while True:
         sampler.set_epoch(epoch)
         keys = [(epoch, index) for index in list(sampler)[skip:]]
-        loader = DataLoader(dataset, batch_size=None, sampler=keys, num_workers=workers, pin_memory=pin_memory)
+        # Its own generator: worker seeds must not consume the global torch RNG, which a
+        # resumed run would otherwise find in another state (one draw per loader created).
+        loader = DataLoader(dataset, batch_size=None, sampler=keys, num_workers=workers, pin_memory=pin_memory,
+                            generator=torch.Generator().manual_seed(dataset.seed + epoch))
         yield from loader
         epoch, skip = epoch + 1, 0
