@@ -21,7 +21,7 @@ from CycleINRLib.degrade import degrade, degrade_at  # noqa: E402
 from CycleINRLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CycleINRLib.models import CycleINR  # noqa: E402
 from Training import checkpointing, data, losses  # noqa: E402
-from Training.config import TrainConfig  # noqa: E402
+from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
 from Training.train import train  # noqa: E402
 
@@ -156,3 +156,12 @@ def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
     for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha"):
         assert name in messages
     assert "good.nii.gz" not in messages and len(history) == 2
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "Training" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.model_config().normalization.kind == "window"  # CT configs: HU window
+    with pytest.raises(ValueError, match="unknown settings in optim"):
+        load_config(path, ["optim.stepz=3"])
