@@ -27,7 +27,7 @@ from .models import CycleINR
 from .models.latent_sampling import LatentGrid
 
 DEFAULT_MAX_MEMORY_GB = 6.0
-RUNTIME_BYTES = 600 * 2**20  # Python, torch and the model themselves, counted in the budget
+RUNTIME_BYTES = 500 * 2**20  # Python, torch, SimpleITK and the model (measured 345 MB), counted in the budget
 MIN_CORE = 8  # smallest tile core (low-resolution voxels per axis) worth its context margin
 TILE_OVERLAP = 2  # low-resolution voxels shared by neighbouring tile cores
 GAUSSIAN_SIGMA_FRACTION = 1 / 8  # of the tile size, as in nnU-Net's sliding window
@@ -107,43 +107,66 @@ def _blend_weights(tiles: list[tuple[int, int]], coordinates: np.ndarray) -> lis
     return [(weights / total).astype(np.float32) for weights in raw]
 
 
-def _bytes_per_voxel(model: CycleINR) -> tuple[int, int]:
-    """Workspace bytes per low-resolution voxel (encoder) and per decoded output voxel."""
-    config = model.config
-    encoder = 4 * (4 * config.encoder_width + 4 * config.latent_dim + 4)
-    attention = 8 * config.latent_dim + 60 if config.attention else config.latent_dim
-    decoder = 4 * (attention + 2 * (config.latent_dim + 1) + 3 * config.decoder_width)
-    return encoder, decoder
+@dataclass(frozen=True)
+class _MemoryModel:
+    """Workspace bytes of the three things a tile holds at once, from the model's sizes.
+
+    They count the tensors alone; MEMORY_SAFETY_FACTOR covers what they miss (oneDNN
+    buffers, allocator fragmentation). benchmarks/upsample_bench.py reports measured peaks.
+    """
+
+    per_tile_voxel: int  # encoder activations, then the latent grid kept while decoding
+    per_plane_pixel: int  # one low-resolution slice's gathered 27-neighbourhoods of keys and values
+    per_query: int  # one output voxel through attention and the decoder
+
+    @classmethod
+    def of(cls, model: CycleINR) -> "_MemoryModel":
+        config = model.config
+        latent = config.latent_dim
+        kept = 6 * latent + 2  # latent, Q, K, V, zero-padded K and V, validity mask
+        per_tile_voxel = 4 * max(4 * config.encoder_width + latent + 1, kept)
+        per_plane_pixel = 4 * (2 * 27 * latent + 2 * 27) if config.attention else 0
+        per_query = 4 * ((7 * latent + 60 if config.attention else 3 * latent) + 2 * (latent + 1)
+                         + 3 * config.decoder_width)
+        return cls(per_tile_voxel, per_plane_pixel, per_query)
+
+
+MEMORY_SAFETY_FACTOR = 1.6  # measured CPU peaks reached 1.45x the tensor estimate
 
 
 def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, workspace_bytes: int) -> TilePlan:
-    """Largest tiles whose encoder and one decode chunk fit the workspace."""
+    """Largest tiles whose latent grid and one decode chunk fit the workspace."""
     halo = model.config.receptive_radius + SAMPLING_MARGIN
-    encoder_bytes, decoder_bytes = _bytes_per_voxel(model)
+    memory = _MemoryModel.of(model)
+    usable = workspace_bytes / MEMORY_SAFETY_FACTOR
     core = list(shape)
     while True:
         padded = [min(c + 2 * halo, n) for c, n in zip(core, shape)]
-        encode = encoder_bytes * math.prod(padded)
-        per_slice = decoder_bytes * min(core[1] + 2, shape[1]) * min(core[2] + 2, shape[2])
-        if encode + per_slice <= workspace_bytes:
+        pixels = min(core[1] + 2, shape[1]) * min(core[2] + 2, shape[2])
+        tile = memory.per_tile_voxel * math.prod(padded) + memory.per_plane_pixel * pixels
+        one_slice = memory.per_query * pixels
+        if tile + one_slice <= usable:
             break
         shrinkable = [axis for axis in range(3) if core[axis] > MIN_CORE]
         if not shrinkable:
+            needed = (tile + one_slice) * MEMORY_SAFETY_FACTOR + RUNTIME_BYTES
             raise InputError(
-                f"memory budget too small: even the smallest tile needs {(encode + per_slice + RUNTIME_BYTES) / 2**30:.1f} GB "
+                f"memory budget too small: even the smallest tile needs {needed / 2**30:.1f} GB "
                 "beyond the input and output arrays; raise --max-memory"
             )
         largest = max(shrinkable, key=lambda axis: padded[axis])
         core[largest] = max(MIN_CORE, math.ceil(core[largest] / 2))
     slices_in_tile = math.ceil(min(core[0], shape[0]) * factor) + 1
-    chunk = int(max(1, min(slices_in_tile, (workspace_bytes - encode) // per_slice)))
+    chunk = int(max(1, min(slices_in_tile, (usable - tile) // one_slice)))
     return TilePlan(tuple(core), halo, chunk, workspace_bytes)
 
 
 def array_bytes(input_shape: tuple[int, int, int], output_slices: int, dtype: np.dtype) -> int:
-    """Host memory of the arrays that must exist whatever the tiling: input copy, accumulator, result."""
+    """Host memory of the arrays that exist whatever the tiling: the input and its float32
+    copy, the float32 accumulator and the result in the input's pixel type."""
+    itemsize = np.dtype(dtype).itemsize
     output_voxels = output_slices * input_shape[1] * input_shape[2]
-    return 4 * math.prod(input_shape) + (4 + np.dtype(dtype).itemsize) * output_voxels
+    return (4 + itemsize) * math.prod(input_shape) + (4 + itemsize) * output_voxels
 
 
 def check_memory_budget(shape: tuple[int, int, int], factor: float, dtype: np.dtype, max_memory_gb: float) -> int:
@@ -187,9 +210,13 @@ def upsample_array(
     plan = plan_tiles(shape, factor, model, _device_workspace(device, workspace))
 
     low, high = model.config.normalization.bounds(slices_first)
-    normalized = (slices_first.astype(np.float32) - low) / (high - low)
+    normalized = slices_first.astype(np.float32)  # in place from here: no volume-sized temporaries
+    normalized -= low
+    normalized /= high - low
     result = _run_tiles(normalized, positions, model, plan, device, progress, should_cancel)
-    result = result * (high - low) + low
+    del normalized
+    result *= high - low
+    result += low
     if keep_acquired_slices:
         for out_index, in_index in geometry.acquired_slice_matches(shape[0], factor):
             result[out_index] = slices_first[in_index]
@@ -220,6 +247,7 @@ def _run_tiles(volume, positions, model, plan, device, progress, should_cancel) 
             slices = np.flatnonzero(depth_weights[d])
             cores = (depth_tiles[d], row_tiles[r], column_tiles[c])
             weights = (depth_weights[d], row_weights[r][cores[1][0]:cores[1][1]], column_weights[c][cores[2][0]:cores[2][1]])
+            tile = None  # free the previous tile's latent grid before encoding the next
             tile = _encode_tile(volume, cores, plan.halo, model, device)
             chunks = np.array_split(slices, max(1, math.ceil(len(slices) / plan.slices_per_chunk)))
             for chunk_done, chunk in enumerate(chunks, start=1):

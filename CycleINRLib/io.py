@@ -168,8 +168,10 @@ def partial_name(name: str) -> str:
 
 
 def to_pixel_type(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast computed intensities to a pixel type: integers are rounded and clipped to its range."""
+    """Cast computed float intensities to a pixel type: integers are rounded and clipped to
+    its range. Works in place on `values` (no volume-sized temporaries); don't reuse it."""
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
+        np.rint(values, out=values)
+        np.clip(values, info.min, info.max, out=values)
     return values.astype(dtype, copy=False)

@@ -82,19 +82,25 @@ class LatentSampler(nn.Module):
 
     def _attend(self, query, key, value, nearest) -> torch.Tensor:
         """Softmax over the 27 neighbours of the nearest voxel; outside the grid is masked."""
-        batch, depth, height, width, channels = key.shape
+        batch, depth, height, width, _ = key.shape
         padded_key, padded_value = (F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1)) for part in (key, value))
         valid = F.pad(key.new_ones((batch, depth, height, width, 1)), (0, 0, 1, 1, 1, 1, 1, 1))
         refined = torch.empty_like(query)
         for slice_index in torch.unique(nearest).tolist():
             uses = torch.nonzero(nearest == slice_index).flatten()
-            keys, values, mask = (_neighbourhood(part, slice_index) for part in (padded_key, padded_value, valid))
-            log_valid = mask.log().transpose(1, 2)  # (B*H*W, 1, 27): 0 inside, -inf outside
-            queries = query[:, uses].permute(0, 2, 3, 1, 4).reshape(batch * height * width, len(uses), channels)
-            weights = torch.softmax(torch.baddbmm(log_valid, queries, keys.transpose(1, 2), alpha=self.scale), dim=-1)
-            attended = torch.bmm(weights, values).view(batch, height, width, len(uses), channels)
-            refined[:, uses] = attended.permute(0, 3, 1, 2, 4)
+            refined[:, uses] = self._attend_slice(query[:, uses], padded_key, padded_value, valid, slice_index)
         return refined
+
+    def _attend_slice(self, query, padded_key, padded_value, valid, slice_index) -> torch.Tensor:
+        """Attention for the queries (B, S, H, W, C) nearest to one slice; its gathered
+        neighbourhoods are freed on return, before the next slice's are built."""
+        batch, count, height, width, channels = query.shape
+        keys, values, mask = (_neighbourhood(part, slice_index) for part in (padded_key, padded_value, valid))
+        log_valid = mask.log().transpose(1, 2)  # (B*H*W, 1, 27): 0 inside, -inf outside
+        queries = query.permute(0, 2, 3, 1, 4).reshape(batch * height * width, count, channels)
+        weights = torch.softmax(torch.baddbmm(log_valid, queries, keys.transpose(1, 2), alpha=self.scale), dim=-1)
+        attended = torch.bmm(weights, values).view(batch, height, width, count, channels)
+        return attended.permute(0, 3, 1, 2, 4)
 
 
 def _neighbourhood(padded: torch.Tensor, slice_index: int) -> torch.Tensor:
