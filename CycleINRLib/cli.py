@@ -11,7 +11,6 @@ import signal
 import sys
 
 from . import __version__
-from .engine import keep_freed_memory_for_reuse
 from .errors import InputError, UpsampleCancelled
 
 EXIT_BAD_INPUT = 2
@@ -43,7 +42,6 @@ def _terminate_as_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory_for_reuse()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     reporter = args.make_reporter(args)
     try:

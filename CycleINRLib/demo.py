@@ -14,7 +14,6 @@ from pathlib import Path
 from . import evaluate, figures
 from .checkpoint import load_model
 from .degrade import degrade
-from .engine import keep_freed_memory_for_reuse
 from .evaluate import Case, Method
 from .io import Volume, write_volume
 from .phantom import chest_phantom
@@ -27,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="demo_output", type=Path)
     parser.add_argument("--weights", help="weights file (default: the bundled CT weights)")
     args = parser.parse_args(argv)
-    keep_freed_memory_for_reuse()
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     _, weights = load_model(args.weights)

@@ -11,9 +11,7 @@ memory budget bounds.
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,26 +34,6 @@ SAMPLING_MARGIN = 2  # the lerp's upper slice and the attention's +-1 neighbour
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
-
-
-def keep_freed_memory_for_reuse() -> None:
-    """Ask glibc to keep freed blocks instead of returning them to the OS.
-
-    Inference allocates the same large tensors tile after tile; by default glibc unmaps
-    each one on free and the next allocation page-faults it back in, which measured 3x
-    slower on the project's CPU machine. Peak memory is unchanged. Call it at process
-    start (the CLI and training do); it is a no-op off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 2**30)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-    libc.mallopt(m_top_pad, 2**28)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -123,15 +101,16 @@ class _MemoryModel:
     def of(cls, model: CycleINR) -> "_MemoryModel":
         config = model.config
         latent = config.latent_dim
+        encoding = 4 * config.encoder_width + 5 * latent + 2  # activations, latent, its copy, Q, K, V
         kept = 6 * latent + 2  # latent, Q, K, V, zero-padded K and V, validity mask
-        per_tile_voxel = 4 * max(4 * config.encoder_width + latent + 1, kept)
+        per_tile_voxel = 4 * max(encoding, kept)
         per_plane_pixel = 4 * (2 * 27 * latent + 2 * 27) if config.attention else 0
         per_query = 4 * ((7 * latent + 60 if config.attention else 3 * latent) + 2 * (latent + 1)
                          + 3 * config.decoder_width)
         return cls(per_tile_voxel, per_plane_pixel, per_query)
 
 
-MEMORY_SAFETY_FACTOR = 1.6  # measured CPU peaks reached 1.45x the tensor estimate
+MEMORY_SAFETY_FACTOR = 1.2  # measured CPU peaks stayed below the tensor estimate itself
 
 
 def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, workspace_bytes: int) -> TilePlan:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from CycleINRLib import evaluate
 from CycleINRLib.checkpoint import load_model
-from CycleINRLib.engine import keep_freed_memory_for_reuse, upsample_array
+from CycleINRLib.engine import upsample_array
 from CycleINRLib.evaluate import Method, parse_case
 from CycleINRLib.io import read_volume
 
@@ -31,7 +31,6 @@ def main() -> int:
     args = parser.parse_args()
     if not VALIDATION.is_file():
         raise SystemExit(f"{VALIDATION} is absent: this measurement needs ../shared/data")
-    keep_freed_memory_for_reuse()
     truth = read_volume(VALIDATION)
     array = truth.array
     if args.crop:
