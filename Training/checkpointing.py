@@ -8,20 +8,15 @@ scheduler state. The JSON is written last, so a checkpoint counts only once comp
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-PATTERN = re.compile(r"step-(\d+)\.json$")
+from CycleINRLib.io import atomic_output
 
-
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
+PATTERN = re.compile(r"^step-(\d+)\.json$")  # not the hidden partial files of an interrupted write
 
 
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, config: dict, metrics: dict, keep: int) -> Path:
@@ -40,7 +35,8 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, con
         for device, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{device}"] = state
     stem = directory / f"step-{step:07d}"
-    _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p)))
+    with atomic_output(stem.with_suffix(".safetensors")) as temporary:
+        save_file(tensors, str(temporary))
     description = {
         "step": step,
         "config": config,
@@ -48,7 +44,8 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, con
         "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars},
         "scheduler": scheduler.state_dict(),
     }
-    _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(description, indent=1)))
+    with atomic_output(stem.with_suffix(".json")) as temporary:
+        temporary.write_text(json.dumps(description, indent=1))
     for old in list_checkpoints(directory)[:-keep]:
         old.with_suffix(".safetensors").unlink(missing_ok=True)
         old.unlink()
