@@ -86,16 +86,26 @@ class LatentSampler(nn.Module):
         padded_key, padded_value = (F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1)) for part in (key, value))
         valid = F.pad(key.new_ones((batch, depth, height, width, 1)), (0, 0, 1, 1, 1, 1, 1, 1))
         refined = torch.empty_like(query)
+        grids = (padded_key, padded_value, valid)
+
+        def new_buffers():
+            return [part.new_empty((batch * height * width, NEIGHBOURHOOD**3, part.shape[-1])) for part in grids]
+
+        # In inference one buffer per grid is refilled for every slice: allocating them anew
+        # costs more in page faults than the gathering itself. Autograd keeps each slice's.
+        buffers = new_buffers()
         for slice_index in torch.unique(nearest).tolist():
             uses = torch.nonzero(nearest == slice_index).flatten()
-            refined[:, uses] = self._attend_slice(query[:, uses], padded_key, padded_value, valid, slice_index)
+            if torch.is_grad_enabled():
+                buffers = new_buffers()
+            gathered = [_neighbourhood(part, slice_index, out) for part, out in zip(grids, buffers)]
+            refined[:, uses] = self._attend_slice(query[:, uses], *gathered)
         return refined
 
-    def _attend_slice(self, query, padded_key, padded_value, valid, slice_index) -> torch.Tensor:
-        """Attention for the queries (B, S, H, W, C) nearest to one slice; its gathered
-        neighbourhoods are freed on return, before the next slice's are built."""
+    def _attend_slice(self, query, keys, values, mask) -> torch.Tensor:
+        """Attention for the queries (B, S, H, W, C) nearest to one slice, given that slice's
+        gathered neighbourhoods (B*H*W, 27, C) of keys and values and their validity."""
         batch, count, height, width, channels = query.shape
-        keys, values, mask = (_neighbourhood(part, slice_index) for part in (padded_key, padded_value, valid))
         log_valid = mask.log().transpose(1, 2)  # (B*H*W, 1, 27): 0 inside, -inf outside
         queries = query.permute(0, 2, 3, 1, 4).reshape(batch * height * width, count, channels)
         weights = torch.softmax(torch.baddbmm(log_valid, queries, keys.transpose(1, 2), alpha=self.scale), dim=-1)
@@ -103,9 +113,12 @@ class LatentSampler(nn.Module):
         return attended.permute(0, 3, 1, 2, 4)
 
 
-def _neighbourhood(padded: torch.Tensor, slice_index: int) -> torch.Tensor:
-    """(B, D+2, H+2, W+2, C) padded grid -> (B*H*W, 27, C) neighbours of every voxel of a slice."""
+def _neighbourhood(padded: torch.Tensor, slice_index: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` (B*H*W, 27, C) with the neighbours of every voxel of one slice of a
+    (B, D+2, H+2, W+2, C) zero-padded grid."""
     planes = padded[:, slice_index:slice_index + NEIGHBOURHOOD]  # (B, 3, H+2, W+2, C)
     windows = planes.unfold(2, NEIGHBOURHOOD, 1).unfold(3, NEIGHBOURHOOD, 1)  # (B, 3, H, W, C, 3, 3)
     batch, _, height, width, channels = windows.shape[:5]
-    return windows.permute(0, 2, 3, 1, 5, 6, 4).reshape(batch * height * width, NEIGHBOURHOOD**3, channels)
+    target = out.view(batch, height, width, NEIGHBOURHOOD, NEIGHBOURHOOD, NEIGHBOURHOOD, channels)
+    target.copy_(windows.permute(0, 2, 3, 1, 5, 6, 4))
+    return out
