@@ -12,6 +12,8 @@ from .errors import InputError
 from .io import check_output_path, read_volume, write_volume
 from .progress import Reporter
 
+CT_AIR_CEILING_HU = -500  # a CT in HU has air near -1000; an input whose minimum lies above this is not one
+
 
 def register(commands) -> None:
     parser = commands.add_parser(
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     engine.check_memory_budget(slices_first, factor, volume.array.dtype, args.max_memory)
     if not weights.trained:
         reporter.warning(f"using {weights.label}: the result is not a trained super-resolution")
-    if weights.config.normalization.kind == "window" and volume.array.min() > weights.config.normalization.low + 500:
+    if weights.config.normalization.kind == "window" and volume.array.min() > CT_AIR_CEILING_HU:
         reporter.warning(f"the input's lowest value is {volume.array.min()}, so it does not look like CT in HU "
                          f"(air is about -1000); {weights.path.name} expects CT")
 

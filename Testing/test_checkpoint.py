@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, load_model, save_model
-from CycleINRLib.config import NAMED_CONFIGS
+from CycleINRLib.config import NAMED_CONFIGS, ModelConfig
 from CycleINRLib.errors import WeightsError
 from CycleINRLib.models import CycleINR
 
@@ -20,6 +20,14 @@ def test_round_trip_keeps_weights_config_and_provenance(tmp_path):
     assert info.trained and info.provenance == {"steps": 12} and info.config == model.config
     volume, positions = torch.rand(1, 1, 4, 8, 8), torch.tensor([0.0, 0.4, 2.5])
     assert torch.equal(model.eval()(volume, positions), loaded(volume, positions))
+
+
+def test_settings_added_later_keep_older_files_loading_as_before():
+    """A weights file written before `decoder_activation` existed was a ReLU decoder."""
+    older = {k: v for k, v in NAMED_CONFIGS["light"].to_dict().items() if k != "decoder_activation"}
+    assert ModelConfig.from_dict(older).decoder_activation == "relu"
+    with pytest.raises(ValueError, match="decoder_activation must be one of"):
+        ModelConfig.from_dict({**older, "decoder_activation": "tanh"})
 
 
 def test_bundled_weights_load():

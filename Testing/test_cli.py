@@ -82,6 +82,16 @@ def test_untrained_weights_are_announced(ct_crop, tmp_path):
     assert ("UNTRAINED" in result.stderr) == (not info.trained)
 
 
+def test_input_that_is_not_ct_is_announced(ct_crop, tmp_path):
+    """The shipped weights expect HU; a volume whose minimum is far above air gets a warning."""
+    shifted = sitk.ReadImage(str(ct_crop)) + 1500
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
+    for source, expected in ((ct_crop, False), (tmp_path / "shifted.nrrd", True)):
+        result = cycleinr("upsample", source, tmp_path / f"{expected}.nrrd", "--factor", "2")
+        assert result.returncode == 0, result.stderr
+        assert ("does not look like CT" in result.stderr) == expected, result.stderr
+
+
 def _write(tmp_path, name, array, spacing=None):
     image = sitk.GetImageFromArray(array, isVector=array.shape[-1] == 3)
     if spacing:

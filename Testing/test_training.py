@@ -76,6 +76,7 @@ def test_cycle_loss_by_hand_and_differentiable():
     generated, reestimated = losses.CycleObjective(model)(low, 2.5, cycle=True)
     loss = losses.cycle_loss(reestimated, low)
     assert loss.item() == pytest.approx(0.17, abs=1e-6)
+    assert losses.cycle_loss(reestimated, low, "l2").item() == pytest.approx((0.04 + 0.0121 + 0.04) / 3, abs=1e-6)
     loss.backward()
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     assert gradients and all(torch.isfinite(g).all() for g in gradients)
@@ -165,3 +166,5 @@ def test_shipped_configs_load(path):
     assert config.model_config().normalization.kind == "window"  # CT configs: HU window
     with pytest.raises(ValueError, match="unknown settings in optim"):
         load_config(path, ["optim.stepz=3"])
+    with pytest.raises(ValueError, match="pixel_loss must be one of"):
+        load_config(path, ["optim.pixel_loss=l3"])

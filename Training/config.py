@@ -11,6 +11,8 @@ import yaml
 from CycleINRLib.config import NAMED_CONFIGS, ModelConfig
 from CycleINRLib.degrade import DEGRADATIONS
 
+from .losses import PIXEL_LOSSES
+
 
 @dataclass
 class DataConfig:
@@ -45,8 +47,14 @@ class OptimConfig:
     lr_halve_every: int = 40_000  # steps; the paper halves every 200 of 3000 epochs
     grad_clip: float = 1.0
     cycle_weight: float = 1.0  # lambda of eq. 9; 0 trains without the cycle-consistent loss
+    pixel_loss: str = "l1"  # of both terms: "l1" (paper eq. 7-8) or "l2" (see README, section Training)
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     seed: int = 0
+
+
+    def __post_init__(self):
+        if self.pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {sorted(PIXEL_LOSSES)}, not {self.pixel_loss!r}")
 
 
 @dataclass

@@ -40,11 +40,14 @@ class CycleObjective(nn.Module):
         return generated, self.model(generated, lr_positions(generated.shape[2], scale))
 
 
-def inr_loss(generated: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Eq. 8: L1 between generated and true HR intensities."""
-    return F.l1_loss(generated.float(), high)
+PIXEL_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
 
 
-def cycle_loss(reestimated: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: L1 between the LR slices sampled from the generated HR and the LR input."""
-    return F.l1_loss(reestimated.float(), low[:, :, :reestimated.shape[2]])
+def inr_loss(generated: torch.Tensor, high: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Eq. 8: L1 (or, with kind="l2", mean squared error) between generated and true HR intensities."""
+    return PIXEL_LOSSES[kind](generated.float(), high)
+
+
+def cycle_loss(reestimated: torch.Tensor, low: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Eq. 7: L1 (or L2) between the LR slices sampled from the generated HR and the LR input."""
+    return PIXEL_LOSSES[kind](reestimated.float(), low[:, :, :reestimated.shape[2]])

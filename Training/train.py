@@ -89,8 +89,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         cycle = config.optim.cycle_weight > 0 and batch["mode"] == "interval"  # eq. 7 assumes point sampling
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             generated, reestimated = objective(low, batch["scale"], cycle)
-        loss_inr = losses.inr_loss(generated, high)
-        loss_cycle = losses.cycle_loss(reestimated, low) if cycle else torch.zeros((), device=device)
+        loss_inr = losses.inr_loss(generated, high, config.optim.pixel_loss)
+        loss_cycle = losses.cycle_loss(reestimated, low, config.optim.pixel_loss) if cycle else torch.zeros((), device=device)
         loss = loss_inr + config.optim.cycle_weight * loss_cycle
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

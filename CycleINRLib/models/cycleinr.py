@@ -25,7 +25,8 @@ class CycleINR(nn.Module):
         self.encoder = Encoder(config.encoder_width, config.encoder_blocks, config.convs_per_block, config.latent_dim)
         self.sampler = LatentSampler(config.latent_dim, config.attention)
         self.decoder = Decoder(
-            COORDINATE_DIM + config.latent_dim, config.decoder_width, config.decoder_layers, config.decoder_skip_layer
+            COORDINATE_DIM + config.latent_dim, config.decoder_width, config.decoder_layers, config.decoder_skip_layer,
+            config.decoder_activation,
         )
         if config.predict_residual:
             # An untrained residual model reproduces linear interpolation exactly.

@@ -7,12 +7,13 @@ from torch import nn
 
 
 class Decoder(nn.Module):
-    """`layers` fully connected layers with ReLU; the input is concatenated again before
-    layer `skip_layer` (the skip connection of the paper's decoder, as in ArSSR)."""
+    """`layers` fully connected layers, each followed by `activation`; the input is concatenated
+    again before layer `skip_layer` (the skip connection of the paper's decoder, as in ArSSR)."""
 
-    def __init__(self, input_dim: int, width: int, layers: int, skip_layer: int):
+    def __init__(self, input_dim: int, width: int, layers: int, skip_layer: int, activation: str = "relu"):
         super().__init__()
         self.skip_layer = skip_layer
+        self.activation = {"relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
         self.hidden = nn.ModuleList()
         for index in range(layers):
             width_in = input_dim if index == 0 else width
@@ -27,5 +28,5 @@ class Decoder(nn.Module):
         for index, layer in enumerate(self.hidden):
             if index == self.skip_layer:
                 features = torch.cat([features, inputs], dim=-1)
-            features = torch.relu(layer(features))
+            features = self.activation(layer(features))
         return self.output(features).squeeze(-1)
