@@ -23,6 +23,7 @@ from CycleINRLib.models import CycleINR  # noqa: E402
 from Training import checkpointing, data, losses  # noqa: E402
 from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
+from Training.fit_one_batch import fit_one_batch  # noqa: E402
 from Training.train import train  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -96,6 +97,13 @@ def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path):
     assert set(info.provenance["training_data"]) == {"a.nii.gz", "b.nii.gz"}
     assert "2:2/psnr_generated" in info.provenance["validation"] and np.isfinite(info.provenance["validation"]["mean_psnr"])
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_fit_one_batch_gets_past_linear_interpolation_with_the_shipped_losses(crops, tmp_path):
+    config = small_config(crops, tmp_path / "unused", lr=1e-3, pixel_loss="l2")
+    reports = fit_one_batch(config, scale=2.0, steps=40, report_every=20)
+    assert [r["step"] for r in reports] == [20, 40]
+    assert reports[-1]["gain_over_linear_db"] > 0.1 and reports[-1]["loss"] < reports[0]["loss"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):

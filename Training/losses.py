@@ -51,3 +51,14 @@ def inr_loss(generated: torch.Tensor, high: torch.Tensor, kind: str = "l1") -> t
 def cycle_loss(reestimated: torch.Tensor, low: torch.Tensor, kind: str = "l1") -> torch.Tensor:
     """Eq. 7: L1 (or L2) between the LR slices sampled from the generated HR and the LR input."""
     return PIXEL_LOSSES[kind](reestimated.float(), low[:, :, :reestimated.shape[2]])
+
+
+def step_losses(objective: nn.Module, low: torch.Tensor, high: torch.Tensor, scale: float, mode: str,
+                cycle_weight: float, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 9 for one batch: (total, L_INR, L_Cycle). The cycle term only for `interval` batches,
+    whose LR slices are point samples as eq. 7 assumes (a thick slice is not one)."""
+    cycle = cycle_weight > 0 and mode == "interval"
+    generated, reestimated = objective(low, scale, cycle)
+    loss_inr = inr_loss(generated, high, kind)
+    loss_cycle = cycle_loss(reestimated, low, kind) if cycle else torch.zeros((), device=low.device)
+    return loss_inr + cycle_weight * loss_cycle, loss_inr, loss_cycle

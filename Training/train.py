@@ -86,12 +86,9 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     while step < config.optim.steps:
         batch = next(batches)
         low, high = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
-        cycle = config.optim.cycle_weight > 0 and batch["mode"] == "interval"  # eq. 7 assumes point sampling
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            generated, reestimated = objective(low, batch["scale"], cycle)
-        loss_inr = losses.inr_loss(generated, high, config.optim.pixel_loss)
-        loss_cycle = losses.cycle_loss(reestimated, low, config.optim.pixel_loss) if cycle else torch.zeros((), device=device)
-        loss = loss_inr + config.optim.cycle_weight * loss_cycle
+            loss, loss_inr, loss_cycle = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
+                                                            config.optim.cycle_weight, config.optim.pixel_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -160,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see Training/configs)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.steps=1000")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     train(load_config(args.config, args.overrides))
 
 
