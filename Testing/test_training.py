@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from Training.export_weights import export  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
 from Training.train import train  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPOSITORY.parent / "shared" / "data"
 HEAD = SHARED_DATA / "ct" / "train" / "vtk-fullhead_head_1.5mm.nii.gz"
 
 
@@ -126,6 +128,33 @@ def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
     exported, info = load_model(export(tmp_path / "resumed" / "step-0000006.json", tmp_path / "exported.safetensors"))
     assert info.trained and info.provenance["steps"] == 6 and info.provenance["training_data"] == ["a.nii.gz", "b.nii.gz"]
     assert all(torch.equal(tensor, exported.state_dict()[name]) for name, tensor in straight.state_dict().items())
+
+
+def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_path):
+    train(small_config(crops, tmp_path / "base", steps=3))
+    start = export(tmp_path / "base" / "step-0000003.json", tmp_path / "start.safetensors")
+    tuned = small_config(crops, tmp_path / "tuned", steps=1, lr=0.0)  # Adam with lr 0 leaves the start as it is
+    tuned.run.init_weights = str(start)
+    tuned.__post_init__()
+    model, _ = train(tuned)
+    start_model, _ = load_model(start)
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in start_model.state_dict().items())
+    _, info = load_model(export(tmp_path / "tuned" / "step-0000001.json", tmp_path / "tuned.safetensors"))
+    assert info.provenance["steps"] == 1 and info.provenance["initialised_from"]["provenance"]["steps"] == 3
+    other = small_config(crops, tmp_path / "other")
+    other.model_overrides, other.run.init_weights = {"attention": False}, str(start)
+    with pytest.raises(ValueError, match="holds a different model"):
+        other.__post_init__()
+
+
+def test_train_script_rejects_a_bad_config_in_one_line(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config",
+                             str(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml"), f"run.init_weights={missing}"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(f"run.init_weights: {missing}: weights file not found")
+    assert not list(tmp_path.iterdir())
 
 
 def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from CycleINRLib.checkpoint import WeightsError, read_description
 from CycleINRLib.config import NAMED_CONFIGS, ModelConfig
 from CycleINRLib.degrade import DEGRADATIONS
 
@@ -68,6 +69,7 @@ class RunConfig:
     val_every: int = 2000
     val_crop: list | None = field(default_factory=lambda: [96, 160, 160])  # slices, rows, cols; null: whole volume
     val_cases: list = field(default_factory=lambda: ["2:2", "3:3", "5:5", "5:2.5"])  # keep-every:factor
+    init_weights: str | None = None  # start from this weights file (fine-tuning) instead of random; unused on resume
 
 
 @dataclass
@@ -81,7 +83,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.model not in NAMED_CONFIGS:
             raise ValueError(f"model must be one of {sorted(NAMED_CONFIGS)}, not {self.model!r}")
-        self.model_config()  # unknown or invalid overrides fail at load time, not after hours
+        model_config = self.model_config()  # unknown or invalid overrides fail at load time, not after hours
+        if self.run.init_weights:
+            try:
+                start = ModelConfig.from_dict(read_description(Path(self.run.init_weights))["config"])
+            except WeightsError as error:
+                raise ValueError(f"run.init_weights: {error}") from None
+            if start != model_config:
+                raise ValueError(f"run.init_weights {self.run.init_weights} holds a different model than this run's "
+                                 f"{self.model!r} with {self.model_overrides or 'no overrides'}")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict({**NAMED_CONFIGS[self.model].to_dict(), **self.model_overrides})

@@ -22,11 +22,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from CycleINRLib.checkpoint import save_model
+from CycleINRLib.checkpoint import load_model, save_model
 from CycleINRLib.engine import resolve_device
 from CycleINRLib.models import CycleINR
 from Training import checkpointing, data, losses
@@ -72,6 +73,10 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         wall_before, best_psnr = metrics.get("wall_seconds", 0.0), metrics.get("best_val_psnr", float("-inf"))
         if master:
             print(f"resuming from {existing[-1]} at step {step}")
+    elif config.run.init_weights:
+        start, start_info = load_model(config.run.init_weights)
+        model.load_state_dict(start.state_dict())
+        metrics["initialised_from"] = {"weights": str(start_info.path), "provenance": start_info.provenance}
     metrics.update(training_data=[volume.name for volume in volumes], machine=machine_description())
     objective = losses.CycleObjective(model)
     if distributed:
@@ -150,6 +155,7 @@ def provenance(config: TrainConfig, step: int, metrics: dict) -> dict:
         "validation": metrics.get("val", {}),
         "validation_step": metrics.get("val_step"),
         "train_config": config.to_dict(),
+        "initialised_from": metrics.get("initialised_from"),
     }
 
 
@@ -158,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="YAML file (see Training/configs)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.steps=1000")
     args = parser.parse_intermixed_args(argv)
-    train(load_config(args.config, args.overrides))
+    try:
+        config = load_config(args.config, args.overrides)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        parser.error(f"{args.config}: {error}")
+    train(config)
 
 
 if __name__ == "__main__":
