@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -177,6 +178,22 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert not torch.equal(rank0["decoder.output.weight"], initial["decoder.output.weight"])  # it did train
     assert checkpointing.list_checkpoints(tmp_path / "ddp")[-1].name == "step-0000004.json"
+
+
+def test_torchrun_launches_the_training_script_on_two_cpu_processes(crops, tmp_path):
+    """The documented multi-GPU command, on CPUs (gloo): torchrun itself, not a stand-in."""
+    config = small_config(crops, tmp_path / "run", steps=4)
+    config_file = tmp_path / "two_processes.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = checkpointing.list_checkpoints(tmp_path / "run")[-1]
+    assert last.name == "step-0000004.json"
+    _, info = load_model(export(last, tmp_path / "exported.safetensors"))
+    # Exported by one process, it still counts both ranks' patches.
+    assert info.provenance["processes"] == 2 and info.provenance["patches_seen"] == 4 * 2 * 2
 
 
 def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):

@@ -77,7 +77,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         start, start_info = load_model(config.run.init_weights)
         model.load_state_dict(start.state_dict())
         metrics["initialised_from"] = {"weights": str(start_info.path), "provenance": start_info.provenance}
-    metrics.update(training_data=[volume.name for volume in volumes], machine=machine_description())
+    metrics.update(training_data=[volume.name for volume in volumes], machine=machine_description(), world_size=world_size)
     objective = losses.CycleObjective(model)
     if distributed:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -142,14 +142,16 @@ def machine_description() -> str:
 
 
 def provenance(config: TrainConfig, step: int, metrics: dict) -> dict:
-    """What a shipped weights file says about its origin."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    """What a shipped weights file says about its origin (also when exported by one process
+    from a checkpoint that several wrote, hence the world size from the run's metrics)."""
+    world_size = metrics.get("world_size", 1)
     return {
         "training_data": metrics["training_data"],
         "validation_data": config.data.val,
         "validation_crop": config.run.val_crop,
         "steps": step,
         "patches_seen": step * config.data.batch_size * world_size,
+        "processes": world_size,
         "wall_seconds": round(metrics["wall_seconds"]),
         "machine": metrics["machine"],
         "validation": metrics.get("val", {}),
