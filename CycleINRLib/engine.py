@@ -94,7 +94,7 @@ class _MemoryModel:
     """
 
     per_tile_voxel: int  # encoder activations, then the latent grid kept while decoding
-    per_plane_pixel: int  # one low-resolution slice's gathered 27-neighbourhoods of keys and values
+    per_plane_pixel: int  # one low-resolution slice's gathered 27-neighbourhoods of keys and values, their row indices
     per_query: int  # one output voxel through attention and the decoder
 
     @classmethod
@@ -104,7 +104,7 @@ class _MemoryModel:
         encoding = 4 * config.encoder_width + 5 * latent + 2  # activations, latent, its copy, Q, K, V
         kept = 6 * latent + 2  # latent, Q, K, V, zero-padded K and V, validity mask
         per_tile_voxel = 4 * max(encoding, kept)
-        per_plane_pixel = 4 * (2 * 27 * latent + 2 * 27) if config.attention else 0
+        per_plane_pixel = 4 * (2 * 27 * latent + 2 * 27) + 2 * 8 * 27 if config.attention else 0
         per_query = 4 * ((7 * latent + 60 if config.attention else 3 * latent) + 2 * (latent + 1)
                          + 3 * config.decoder_width)
         return cls(per_tile_voxel, per_plane_pixel, per_query)

@@ -83,23 +83,31 @@ class LatentSampler(nn.Module):
     def _attend(self, query, key, value, nearest) -> torch.Tensor:
         """Softmax over the 27 neighbours of the nearest voxel; outside the grid is masked."""
         batch, depth, height, width, _ = key.shape
-        padded_key, padded_value = (F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1)) for part in (key, value))
-        valid = F.pad(key.new_ones((batch, depth, height, width, 1)), (0, 0, 1, 1, 1, 1, 1, 1))
+        padded_key, padded_value = (F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1)).view(-1, part.shape[-1]) for part in (key, value))
+        valid = F.pad(key.new_ones((batch, depth, height, width, 1)), (0, 0, 1, 1, 1, 1, 1, 1)).view(-1, 1)
         refined = torch.empty_like(query)
         grids = (padded_key, padded_value, valid)
+        first_slice = _neighbourhood_rows(batch, depth, height, width, key.device)
+        plane_rows = (height + 2) * (width + 2)
 
         def new_buffers():
-            return [part.new_empty((batch * height * width, NEIGHBOURHOOD**3, part.shape[-1])) for part in grids]
+            return [part.new_empty((first_slice.numel(), part.shape[-1])) for part in grids]
 
-        # In inference one buffer per grid is refilled for every slice: allocating them anew
-        # costs more in page faults than the gathering itself. Autograd keeps each slice's.
-        buffers = new_buffers()
+        # Gathering rows by index (not unfolding windows) keeps the backward pass a plain
+        # index_add, several times faster on CPU. In inference one buffer per grid is refilled
+        # for every slice: allocating them anew costs more in page faults than the gathering
+        # itself. Autograd keeps each slice's.
+        buffers, rows = new_buffers(), torch.empty_like(first_slice)
         for slice_index in torch.unique(nearest).tolist():
             uses = torch.nonzero(nearest == slice_index).flatten()
             if torch.is_grad_enabled():
-                buffers = new_buffers()
-            gathered = [_neighbourhood(part, slice_index, out) for part, out in zip(grids, buffers)]
-            refined[:, uses] = self._attend_slice(query[:, uses], *gathered)
+                rows = first_slice + slice_index * plane_rows
+                gathered = [part.index_select(0, rows) for part in grids]
+            else:
+                torch.add(first_slice, slice_index * plane_rows, out=rows)
+                gathered = [torch.index_select(part, 0, rows, out=out) for part, out in zip(grids, buffers)]
+            neighbourhoods = [part.view(batch * height * width, NEIGHBOURHOOD**3, -1) for part in gathered]
+            refined[:, uses] = self._attend_slice(query[:, uses], *neighbourhoods)
         return refined
 
     def _attend_slice(self, query, keys, values, mask) -> torch.Tensor:
@@ -113,12 +121,12 @@ class LatentSampler(nn.Module):
         return attended.permute(0, 3, 1, 2, 4)
 
 
-def _neighbourhood(padded: torch.Tensor, slice_index: int, out: torch.Tensor) -> torch.Tensor:
-    """Fill `out` (B*H*W, 27, C) with the neighbours of every voxel of one slice of a
-    (B, D+2, H+2, W+2, C) zero-padded grid."""
-    planes = padded[:, slice_index:slice_index + NEIGHBOURHOOD]  # (B, 3, H+2, W+2, C)
-    windows = planes.unfold(2, NEIGHBOURHOOD, 1).unfold(3, NEIGHBOURHOOD, 1)  # (B, 3, H, W, C, 3, 3)
-    batch, _, height, width, channels = windows.shape[:5]
-    target = out.view(batch, height, width, NEIGHBOURHOOD, NEIGHBOURHOOD, NEIGHBOURHOOD, channels)
-    target.copy_(windows.permute(0, 2, 3, 1, 5, 6, 4))
-    return out
+def _neighbourhood_rows(batch: int, depth: int, height: int, width: int, device) -> torch.Tensor:
+    """Rows of a flattened (B, D+2, H+2, W+2) zero-padded grid holding the 27 neighbours of
+    every voxel of slice 0, ordered (b, y, x, dz, dy, dx); slice s adds s * (H+2) * (W+2)."""
+    padded = (depth + 2, height + 2, width + 2)
+    b, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in (batch, height, width)), indexing="ij")
+    dz, dy, dx = torch.meshgrid(*(torch.arange(NEIGHBOURHOOD, device=device) for _ in range(3)), indexing="ij")
+    centre = ((b * padded[0]) * padded[1] + y) * padded[2] + x  # (B, H, W): the window's corner
+    shift = (dz * padded[1] + dy) * padded[2] + dx  # (3, 3, 3)
+    return (centre[..., None, None, None] + shift).flatten()
