@@ -1,0 +1,77 @@
+"""Seconds per training step (both loss passes, backward, Adam) of a training config.
+
+Draws the config's own batches from its real training volumes, so scales, degradations and
+patch sizes are those of a real run; the first steps warm up and are not counted. Prints one
+Markdown table row for README:
+
+    .venv/bin/python benchmarks/train_step_bench.py                                  # Training/configs/ct_cpu.yaml
+    .venv/bin/python benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 20 run.device=cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from CycleINRLib.engine import resolve_device  # noqa: E402
+from CycleINRLib.models import CycleINR  # noqa: E402
+from Training import data, losses  # noqa: E402
+from Training.config import load_config  # noqa: E402
+
+WARM_UP_STEPS = 3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "Training" / "configs" / "ct_cpu.yaml"))
+    parser.add_argument("--steps", type=int, default=40, help="timed steps after the warm-up")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for Training/train.py")
+    args = parser.parse_intermixed_args()
+    config = load_config(args.config, args.overrides)
+    if not Path(config.data.train).exists():
+        raise SystemExit(f"{config.data.train} is absent: the benchmark needs the training volumes (../shared/data)")
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    device = resolve_device(config.run.device)
+    torch.manual_seed(config.optim.seed)
+    model_config = config.model_config()
+    batches = data.PairBatches(data.load_volumes(config.data.train, config.data, model_config.normalization),
+                               config.data, config.optim.seed)
+    model = CycleINR(model_config).to(device)
+    objective = losses.CycleObjective(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
+    amp = config.optim.amp and device.type == "cuda"
+    seconds = []
+    for index in range(WARM_UP_STEPS + args.steps):
+        batch = batches[(0, index)]
+        started = time.perf_counter()
+        low, high = batch["lr"].to(device), batch["hr"].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _, _ = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
+                                            config.optim.cycle_weight, config.optim.pixel_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    timed = seconds[WARM_UP_STEPS:]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print("| config | device | steps | mean s/step | median s/step | patches/s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {Path(args.config).name} {' '.join(args.overrides)} | {where} | {len(timed)} | {statistics.mean(timed):.3f} | "
+          f"{statistics.median(timed):.3f} | {config.data.batch_size / statistics.mean(timed):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
