@@ -187,7 +187,8 @@ def test_torchrun_launches_the_training_script_on_two_cpu_processes(crops, tmp_p
     config_file.write_text(yaml.safe_dump(config.to_dict()))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    # tqdm draws its bar in Unicode, whatever the locale: decode it as such.
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     last = checkpointing.list_checkpoints(tmp_path / "run")[-1]
     assert last.name == "step-0000004.json"
