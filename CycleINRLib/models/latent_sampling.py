@@ -90,22 +90,22 @@ class LatentSampler(nn.Module):
         first_slice = _neighbourhood_rows(batch, depth, height, width, key.device)
         plane_rows = (height + 2) * (width + 2)
 
-        def new_buffers():
-            return [part.new_empty((first_slice.numel(), part.shape[-1])) for part in grids]
-
-        # Gathering rows by index (not unfolding windows) keeps the backward pass a plain
+        # Gathering rows by index (not unfolding windows) makes the backward pass a plain
         # index_add, several times faster on CPU. In inference one buffer per grid is refilled
         # for every slice: allocating them anew costs more in page faults than the gathering
         # itself. Autograd keeps each slice's.
-        buffers, rows = new_buffers(), torch.empty_like(first_slice)
+        in_place = not torch.is_grad_enabled()
+        if in_place:
+            rows = torch.empty_like(first_slice)
+            buffers = [part.new_empty((first_slice.numel(), part.shape[-1])) for part in grids]
         for slice_index in torch.unique(nearest).tolist():
             uses = torch.nonzero(nearest == slice_index).flatten()
-            if torch.is_grad_enabled():
-                rows = first_slice + slice_index * plane_rows
-                gathered = [part.index_select(0, rows) for part in grids]
-            else:
+            if in_place:
                 torch.add(first_slice, slice_index * plane_rows, out=rows)
                 gathered = [torch.index_select(part, 0, rows, out=out) for part, out in zip(grids, buffers)]
+            else:
+                rows = first_slice + slice_index * plane_rows
+                gathered = [part.index_select(0, rows) for part in grids]
             neighbourhoods = [part.view(batch * height * width, NEIGHBOURHOOD**3, -1) for part in gathered]
             refined[:, uses] = self._attend_slice(query[:, uses], *neighbourhoods)
         return refined
