@@ -31,7 +31,7 @@ from CycleINRLib.checkpoint import load_model, save_model
 from CycleINRLib.engine import resolve_device
 from CycleINRLib.models import CycleINR
 from Training import checkpointing, data, losses
-from Training.config import TrainConfig, load_config
+from Training.config import OptimConfig, TrainConfig, load_config
 from Training.validation import ValidationSet
 
 
@@ -90,14 +90,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     bar = tqdm(total=config.optim.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < config.optim.steps:
         batch = next(batches)
-        low, high = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, loss_inr, loss_cycle = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
-                                                            config.optim.cycle_weight, config.optim.pixel_loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
+        loss, loss_inr, loss_cycle, grad_norm = train_step(objective, model, optimizer, batch, config.optim, device, amp)
         scheduler.step()
         step += 1
         record = {"step": step, "loss": loss.item(), "inr": loss_inr.item(), "cycle": loss_cycle.item(), "scale": batch["scale"]}
@@ -134,6 +127,19 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     if distributed:
         dist.destroy_process_group()
     return model, history
+
+
+def train_step(objective, model, optimizer, batch: dict, optim: OptimConfig, device: torch.device, amp: bool):
+    """One optimizer step on one batch (eq. 9); returns (loss, L_INR, L_Cycle, gradient norm)."""
+    low, high = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        loss, loss_inr, loss_cycle = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
+                                                        optim.cycle_weight, optim.pixel_loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    optimizer.step()
+    return loss, loss_inr, loss_cycle, grad_norm
 
 
 def machine_description() -> str:

@@ -1,4 +1,4 @@
-"""Seconds per training step (both loss passes, backward, Adam) of a training config.
+"""Seconds per training step (both loss passes, backward, clipping, Adam) of a training config.
 
 Draws the config's own batches from its real training volumes, so scales, degradations and
 patch sizes are those of a real run; the first steps warm up and are not counted. Prints one
@@ -26,6 +26,7 @@ from CycleINRLib.engine import resolve_device  # noqa: E402
 from CycleINRLib.models import CycleINR  # noqa: E402
 from Training import data, losses  # noqa: E402
 from Training.config import load_config  # noqa: E402
+from Training.train import train_step  # noqa: E402
 
 WARM_UP_STEPS = 3
 
@@ -54,13 +55,7 @@ def main() -> int:
     for index in range(WARM_UP_STEPS + args.steps):
         batch = batches[(0, index)]
         started = time.perf_counter()
-        low, high = batch["lr"].to(device), batch["hr"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _, _ = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
-                                            config.optim.cycle_weight, config.optim.pixel_loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(objective, model, optimizer, batch, config.optim, device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
