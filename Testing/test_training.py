@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pywt
 import SimpleITK as sitk
 import torch
 import torch.multiprocessing as mp
@@ -85,6 +86,35 @@ def test_cycle_loss_by_hand_and_differentiable():
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     assert gradients and all(torch.isfinite(g).all() for g in gradients)
     assert model.decoder.output.bias.grad.abs().sum() > 0
+
+
+def test_noise_level_is_the_snli_estimator_with_a_trimmed_mean():
+    planes = np.random.default_rng(4).normal(scale=0.1, size=(3, 64, 64))
+    levels = losses.slice_noise_levels(torch.from_numpy(planes).view(1, 1, 3, 64, 64))
+    assert levels.shape == (1, 3) and np.allclose(levels.numpy(), 0.1, rtol=0.1)  # white noise: its sigma
+    for plane, level in zip(planes, levels[0].tolist()):  # by hand: pywt's interior coefficients
+        _, (_, _, diagonal) = pywt.dwt2(plane, "db2")
+        magnitudes = np.sort(np.abs(diagonal[1:-1, 1:-1]).ravel())
+        assert level == pytest.approx(magnitudes[:magnitudes.size // 2].mean() / losses.GAUSSIAN_LOWER_HALF_MEAN_ABS, rel=1e-5)
+    ramp = torch.arange(64.0).view(1, 1, 1, 1, 64) * 0.3 + torch.arange(64.0).view(1, 1, 1, 64, 1)
+    assert losses.slice_noise_levels(ramp).abs().max() < 1e-4  # db2's two vanishing moments: no noise in a plane
+
+
+def test_noise_level_loss_charges_smooth_slices_and_is_differentiable():
+    noisy = torch.from_numpy(np.random.default_rng(5).normal(scale=0.2, size=(2, 1, 3, 32, 32)))
+    assert losses.noise_level_loss(noisy, noisy).item() == 0.0
+    smooth = (0.5 * noisy).requires_grad_()  # half the noise level
+    loss = losses.noise_level_loss(smooth, noisy)
+    assert loss.item() == pytest.approx(0.1, rel=0.15)
+    loss.backward()
+    assert torch.isfinite(smooth.grad).all() and (smooth.grad != 0).float().mean() > 0.2  # not just a median element
+    model = CycleINR(NAMED_CONFIGS["light"])
+    low, high = noisy[:, :, ::2].float(), noisy.float()
+    with_noise = losses.step_losses(losses.CycleObjective(model), low, high, 2.0, "interval", 1.0, "l2", noise_weight=0.5)
+    assert with_noise.noise.item() > 0
+    assert with_noise.total.item() == pytest.approx(with_noise.inr.item() + with_noise.cycle.item() + 0.5 * with_noise.noise.item())
+    without = losses.step_losses(losses.CycleObjective(model), low, high, 2.0, "interval", 1.0, "l2")
+    assert without.noise.item() == 0 and without.total.item() == pytest.approx(without.inr.item() + without.cycle.item())
 
 
 def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path):

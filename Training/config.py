@@ -49,11 +49,13 @@ class OptimConfig:
     grad_clip: float = 1.0
     cycle_weight: float = 1.0  # lambda of eq. 9; 0 trains without the cycle-consistent loss
     pixel_loss: str = "l1"  # of both terms: "l1" (paper eq. 7-8) or "l2" (see README, section Training)
+    noise_weight: float = 0.0  # weight of the noise-level term (not in the paper; README, section Training); 0: off
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     seed: int = 0
 
-
     def __post_init__(self):
+        if self.noise_weight < 0:
+            raise ValueError(f"noise_weight must be >= 0, not {self.noise_weight}")
         if self.pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"pixel_loss must be one of {sorted(PIXEL_LOSSES)}, not {self.pixel_loss!r}")
 

@@ -51,8 +51,8 @@ def fit_one_batch(config: TrainConfig, scale: float, steps: int, report_every: i
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     reports = []
     for step in range(1, steps + 1):
-        loss, _, _ = losses.step_losses(objective, low, high, scale, "interval", config.optim.cycle_weight,
-                                        config.optim.pixel_loss)
+        loss = losses.step_losses(objective, low, high, scale, "interval", config.optim.cycle_weight,
+                                  config.optim.pixel_loss, config.optim.noise_weight).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)

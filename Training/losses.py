@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
+import pywt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,12 +57,54 @@ def cycle_loss(reestimated: torch.Tensor, low: torch.Tensor, kind: str = "l1") -
     return PIXEL_LOSSES[kind](reestimated.float(), low[:, :, :reestimated.shape[2]])
 
 
+_DB2_HIGH_PASS = torch.tensor(pywt.Wavelet("db2").dec_hi[::-1])  # flipped: conv2d correlates
+DIAGONAL_DETAIL_KERNEL = (_DB2_HIGH_PASS[:, None] * _DB2_HIGH_PASS[None, :]).view(1, 1, 4, 4)
+# E|x| over the smaller half of |x| for a unit Gaussian (|x| below its median 0.6745):
+# sqrt(2/pi) (1 - exp(-q^2/2)) / 0.5; dividing by it turns the trimmed mean into a standard deviation.
+_MEDIAN_ABS = 0.6744897501960817
+GAUSSIAN_LOWER_HALF_MEAN_ABS = math.sqrt(2 / math.pi) * (1 - math.exp(-_MEDIAN_ABS ** 2 / 2)) / 0.5
+
+
+def slice_noise_levels(volume: torch.Tensor) -> torch.Tensor:
+    """Differentiable noise level of every slice of (B, 1, S, H, W): (B, S), image units.
+
+    The estimator of SNLI (CycleINRLib.metrics, Donoho-Johnstone on the finest diagonal db2
+    coefficients; these are pywt.dwt2's interior ones), with the median of |coefficient|
+    replaced by the mean of the smaller half: as robust to edges, but every coefficient
+    below the median gets a gradient, not just the median one.
+    """
+    planes = volume.float().flatten(0, 2).unsqueeze(1)  # (B * S, 1, H, W)
+    detail = F.conv2d(planes, DIAGONAL_DETAIL_KERNEL.to(planes), stride=2).abs().flatten(1)
+    smaller_half = detail.sort(dim=1).values[:, : max(1, detail.shape[1] // 2)]
+    return (smaller_half.mean(dim=1) / GAUSSIAN_LOWER_HALF_MEAN_ABS).view(volume.shape[0], volume.shape[2])
+
+
+def noise_level_loss(generated: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Mean |noise level of a generated slice - that of the true slice|: what SNLI sees.
+
+    Not in the paper. L1 and L2 both reward the noise-free value where the noise cannot be
+    predicted, so generated slices come out smoother than acquired ones (README, section
+    Training); this term makes a smooth slice cost what its missing noise costs SNLI.
+    """
+    return F.l1_loss(slice_noise_levels(generated), slice_noise_levels(high))
+
+
+class StepLosses(NamedTuple):
+    total: torch.Tensor
+    inr: torch.Tensor
+    cycle: torch.Tensor
+    noise: torch.Tensor
+
+
 def step_losses(objective: nn.Module, low: torch.Tensor, high: torch.Tensor, scale: float, mode: str,
-                cycle_weight: float, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 9 for one batch: (total, L_INR, L_Cycle). The cycle term only for `interval` batches,
-    whose LR slices are point samples as eq. 7 assumes (a thick slice is not one)."""
+                cycle_weight: float, kind: str, noise_weight: float = 0.0) -> StepLosses:
+    """Eq. 9 for one batch, plus `noise_weight` times the noise-level term when it is not 0.
+    The cycle term only for `interval` batches, whose LR slices are point samples as eq. 7
+    assumes (a thick slice is not one)."""
     cycle = cycle_weight > 0 and mode == "interval"
     generated, reestimated = objective(low, scale, cycle)
+    zero = torch.zeros((), device=low.device)
     loss_inr = inr_loss(generated, high, kind)
-    loss_cycle = cycle_loss(reestimated, low, kind) if cycle else torch.zeros((), device=low.device)
-    return loss_inr + cycle_weight * loss_cycle, loss_inr, loss_cycle
+    loss_cycle = cycle_loss(reestimated, low, kind) if cycle else zero
+    loss_noise = noise_level_loss(generated, high) if noise_weight > 0 else zero
+    return StepLosses(loss_inr + cycle_weight * loss_cycle + noise_weight * loss_noise, loss_inr, loss_cycle, loss_noise)

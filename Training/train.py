@@ -90,15 +90,16 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     bar = tqdm(total=config.optim.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < config.optim.steps:
         batch = next(batches)
-        loss, loss_inr, loss_cycle, grad_norm = train_step(objective, model, optimizer, batch, config.optim, device, amp)
+        terms, grad_norm = train_step(objective, model, optimizer, batch, config.optim, device, amp)
         scheduler.step()
         step += 1
-        record = {"step": step, "loss": loss.item(), "inr": loss_inr.item(), "cycle": loss_cycle.item(), "scale": batch["scale"]}
+        record = {"step": step, "loss": terms.total.item(), "inr": terms.inr.item(), "cycle": terms.cycle.item(),
+                  "noise": terms.noise.item(), "scale": batch["scale"]}
         history.append(record)
         bar.update(1)
         if master and (step % config.run.log_every == 0 or step == config.optim.steps):
             bar.set_postfix(loss=f"{record['loss']:.4f}", scale=record["scale"])
-            for key in ("loss", "inr", "cycle"):
+            for key in ("loss", "inr", "cycle", "noise"):
                 writer.add_scalar(f"train/{key}", record[key], step)
             writer.add_scalar("train/grad_norm", grad_norm.item(), step)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
@@ -130,16 +131,16 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
 
 
 def train_step(objective, model, optimizer, batch: dict, optim: OptimConfig, device: torch.device, amp: bool):
-    """One optimizer step on one batch (eq. 9); returns (loss, L_INR, L_Cycle, gradient norm)."""
+    """One optimizer step on one batch (eq. 9); returns the loss terms and the gradient norm."""
     low, high = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        loss, loss_inr, loss_cycle = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
-                                                        optim.cycle_weight, optim.pixel_loss)
+        terms = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
+                                   optim.cycle_weight, optim.pixel_loss, optim.noise_weight)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    terms.total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
     optimizer.step()
-    return loss, loss_inr, loss_cycle, grad_norm
+    return terms, grad_norm
 
 
 def machine_description() -> str:

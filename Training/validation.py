@@ -46,7 +46,7 @@ class ValidationSet:
 
     def evaluate(self, model, device) -> tuple[dict[str, float], np.ndarray]:
         """Scores per case (CycleINR's PSNR/SSIM on generated slices, gain over linear, SNLI
-        and the truth's) and a coronal preview of the first volume: truth | linear | CycleINR."""
+        and the truth's), their means (SNLI as the excess over the truth's) and a coronal preview of the first volume: truth | linear | CycleINR."""
         methods = [
             evaluate.Method("linear", functools.partial(interpolate, method="linear"), "linear"),
             evaluate.Method("cycleinr", lambda a, f, axis: upsample_array(a, f, model, axis=axis, device=device), "training"),
@@ -68,6 +68,7 @@ class ValidationSet:
             scores[f"{label}/gain_over_linear_db"] = scores[f"{label}/psnr_generated"] - scores[f"{label}/linear_psnr_generated"]
         scores["mean_psnr"] = float(np.mean([scores[f"{label}/psnr_generated"] for label in labels]))
         scores["mean_gain_over_linear_db"] = float(np.mean([scores[f"{label}/gain_over_linear_db"] for label in labels]))
+        scores["mean_snli_excess"] = float(np.mean([scores[f"{label}/snli"] - scores[f"{label}/snli_truth"] for label in labels]))
         preview = next((r for r in results if r.case.label == PREVIEW_CASE), results[0]).views["coronal"]
         image = np.concatenate([preview["truth"], preview["linear"], preview["cycleinr"]], axis=1)
         low, high = self.normalization.bounds(image)
