@@ -136,6 +136,7 @@ class CycleINRParameterNode:
     weightsPath: pathlib.Path
     maxMemoryGB: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0
     keepAcquiredSlices: bool = True
+    matchNoise: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
 
 
@@ -342,18 +343,20 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         return CycleINRParameterNode(super().getParameterNode())
 
     def upsample(self, inputVolumeNode, factor=None, spacing=None, axis=None, device="auto", weights=None,
-                 maxMemoryGB=None, keepAcquiredSlices=None, outputVolumeNode=None, progressCallback=None):
+                 maxMemoryGB=None, keepAcquiredSlices=None, outputVolumeNode=None, progressCallback=None,
+                 matchNoise=False):
         """Upsample the slice axis of `inputVolumeNode`; blocks and returns the output volume node.
 
         Give `factor` (any number > 1, e.g. 2.5) or `spacing` (target slice spacing in mm).
         axis: None (the coarsest), 0, 1 or 2 (the I, J or K axis). device: "auto", "cpu", "cuda",
         "mps" or "gpu". weights: a .safetensors file, None for the bundled weights.
         maxMemoryGB: None for the engine's default. keepAcquiredSlices: None for the default (on).
+        matchNoise: add synthetic noise to generated slices up to the acquired slices' noise level.
         outputVolumeNode: None creates a new node. progressCallback(fraction, message) is called
         on every progress report. Raises UpsampleFailed (message + `details`) or UpsampleCancelled.
         """
         options = UpsampleOptions(factor=factor, spacing=spacing, axis=axis, device=device, weights=weights,
-                                  maxMemoryGB=maxMemoryGB, keepAcquiredSlices=keepAcquiredSlices)
+                                  maxMemoryGB=maxMemoryGB, keepAcquiredSlices=keepAcquiredSlices, matchNoise=matchNoise)
         return self._prepareJob(inputVolumeNode, options, outputVolumeNode).wait(progressCallback)
 
     def startUpsample(self, inputVolumeNode, options: UpsampleOptions, outputVolumeNode=None) -> UpsampleJob:
@@ -385,7 +388,8 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
             factor=parameters.factor if byFactor else None,
             spacing=None if byFactor else parameters.targetSpacing,
             axis=parameters.sliceAxis.index, device=parameters.device.value, weights=weights,
-            maxMemoryGB=parameters.maxMemoryGB or None, keepAcquiredSlices=parameters.keepAcquiredSlices)
+            maxMemoryGB=parameters.maxMemoryGB or None, keepAcquiredSlices=parameters.keepAcquiredSlices,
+            matchNoise=parameters.matchNoise)
 
     @staticmethod
     def describeOutput(volumeNode, options: UpsampleOptions) -> str:

@@ -50,6 +50,7 @@ class UpsampleOptions:
     weights: Optional[str] = None  # None = the bundled weights
     maxMemoryGB: Optional[float] = None
     keepAcquiredSlices: Optional[bool] = None  # None = the engine's default
+    matchNoise: bool = False  # synthetic noise in generated slices up to the acquired slices' level
 
     def arguments(self) -> list:
         if (self.factor is None) == (self.spacing is None):
@@ -63,6 +64,8 @@ class UpsampleOptions:
             arguments += ["--max-memory", repr(float(self.maxMemoryGB))]
         if self.keepAcquiredSlices is not None:
             arguments.append("--keep-acquired-slices" if self.keepAcquiredSlices else "--no-keep-acquired-slices")
+        if self.matchNoise:
+            arguments.append("--match-noise")
         return arguments
 
 

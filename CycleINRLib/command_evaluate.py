@@ -44,7 +44,7 @@ def register(commands) -> None:
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="K:R",
                         help="keep every k-th slice, upsample by r; k/r must be whole (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=METHODS,
-                        help="default: %(default)s; cycleinr uses --weights")
+                        help="default: %(default)s; cycleinr and cycleinr-noise use --weights")
     parser.add_argument("--degradation", nargs="+", default=["interval"], choices=DEGRADATIONS,
                         help="how the thick-slice input is made (default: interval)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],

@@ -33,6 +33,9 @@ def register(commands) -> None:
     parser.add_argument("--weights", help="weights file (.safetensors); default: the bundled CT weights")
     parser.add_argument("--keep-acquired-slices", action=argparse.BooleanOptionalAction, default=True,
                         help="copy acquired slices verbatim where output slices coincide with them (default: on)")
+    parser.add_argument("--match-noise", action="store_true",
+                        help="add synthetic noise to generated slices up to the acquired slices' noise level, "
+                             "so that the volume does not flicker from slice to slice (default: off)")
     parser.add_argument("--max-memory", type=float, default=engine.DEFAULT_MAX_MEMORY_GB, metavar="GB",
                         help=f"memory budget in GB for arrays and tiles (default {engine.DEFAULT_MAX_MEMORY_GB:g})")
     parser.add_argument("--json-progress", action="store_true",
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     result = engine.upsample_volume(
         volume, model, factor=factor, axis=axis, device=device,
         keep_acquired_slices=args.keep_acquired_slices, max_memory_gb=args.max_memory, progress=reporter.progress,
+        match_noise=args.match_noise,
     )
     reporter.set_stage("write")
     reporter.progress(1.0, f"writing {output.name}")
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         "size": list(result.size), "spacing": list(result.spacing),
         "origin": list(result.origin), "direction": list(result.direction),
         "axis": axis, "factor": factor, "device": str(device), "weights": str(weights.path),
-        "trained": weights.trained, "seconds": round(seconds, 2),
+        "trained": weights.trained, "match_noise": args.match_noise, "seconds": round(seconds, 2),
     }
     reporter.done(summary, _summary_text(summary))
     return 0

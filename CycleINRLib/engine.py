@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import geometry
+from . import geometry, noise_matching
 from .errors import InputError, UpsampleCancelled
 from .io import Volume, to_pixel_type
 from .models import CycleINR
@@ -174,10 +174,12 @@ def upsample_array(
     max_memory_gb: float = DEFAULT_MAX_MEMORY_GB,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    match_noise: bool = False,
 ) -> np.ndarray:
     """Upsample numpy `axis` of `array` by `factor`; same dtype, output grid of geometry.py.
 
-    Raises InputError when the budget cannot hold the arrays, UpsampleCancelled when
+    `match_noise` adds synthetic noise to the generated slices up to the acquired slices'
+    noise level (noise_matching.py; off by default). Raises InputError when the budget cannot hold the arrays, UpsampleCancelled when
     `should_cancel()` turns true (checked before every tile and decode chunk).
     """
     factor = geometry.check_factor(factor)
@@ -199,6 +201,8 @@ def upsample_array(
     if keep_acquired_slices:
         for out_index, in_index in geometry.acquired_slice_matches(shape[0], factor):
             result[out_index] = slices_first[in_index]
+    if match_noise:
+        noise_matching.add_missing_noise(result, slices_first, factor)
     return np.moveaxis(to_pixel_type(result, array.dtype), 0, axis)
 
 
@@ -283,7 +287,7 @@ def upsample_volume(
     """Upsample a Volume along ITK axis `axis` (auto: the coarsest) by a factor or to a spacing.
 
     `options` are those of upsample_array (device, keep_acquired_slices, max_memory_gb,
-    progress, should_cancel). Origin and direction are kept; see geometry.py.
+    progress, should_cancel, match_noise). Origin and direction are kept; see geometry.py.
     """
     if (factor is None) == (target_spacing is None):
         raise InputError("give exactly one of a factor or a target slice spacing")

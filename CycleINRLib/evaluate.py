@@ -28,7 +28,7 @@ from .degrade import degrade
 from .errors import InputError
 from .geometry import acquired_slice_matches, check_factor, output_slice_count
 
-METHODS = BASELINES + ("cycleinr",)
+METHODS = BASELINES + ("cycleinr", "cycleinr-noise")
 METHOD_DESCRIPTIONS = {
     "linear": "SimpleITK linear interpolation",
     "cubic": "SimpleITK cubic B-spline interpolation",
@@ -98,14 +98,14 @@ def make_methods(names: Sequence[str], weights: str | None = None, device: str =
     for name in names:
         if name in BASELINES:
             methods.append(Method(name, functools.partial(interpolate, method=name), METHOD_DESCRIPTIONS[name]))
-        elif name == "cycleinr":
-            methods.append(_cycleinr_method(weights, device))
+        elif name in ("cycleinr", "cycleinr-noise"):
+            methods.append(_cycleinr_method(weights, device, match_noise=name == "cycleinr-noise"))
         else:
             raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return methods
 
 
-def _cycleinr_method(weights: str | None, device: str) -> Method:
+def _cycleinr_method(weights: str | None, device: str, match_noise: bool) -> Method:
     from .checkpoint import load_model
     from .engine import resolve_device, upsample_array
 
@@ -113,8 +113,10 @@ def _cycleinr_method(weights: str | None, device: str) -> Method:
     model, info = load_model(weights, device)
 
     def upsample(array: np.ndarray, factor: float, axis: int) -> np.ndarray:
-        return upsample_array(array, factor, model, axis=axis, device=device)
+        return upsample_array(array, factor, model, axis=axis, device=device, match_noise=match_noise)
 
+    if match_noise:
+        return Method("cycleinr-noise", upsample, f"CycleINR with --match-noise, weights {info.label}, {device}")
     return Method("cycleinr", upsample, f"CycleINR, weights {info.label}, {device}")
 
 

@@ -73,6 +73,23 @@ def test_target_spacing_and_terminal_summary(ct_crop, tmp_path):
     assert sitk.ReadImage(str(output)).GetSpacing()[2] == pytest.approx(2.0)
 
 
+def test_match_noise_adds_noise_to_generated_slices_only(ct_crop, tmp_path):
+    from CycleINRLib.metrics import noise_profile
+
+    arrays, summaries = {}, {}
+    for option in ("--match-noise", None):
+        output = tmp_path / f"{option}.nrrd"
+        result = cycleinr("upsample", ct_crop, output, "--factor", "2.5", "--json-progress", *([option] if option else []))
+        assert result.returncode == 0, result.stderr
+        summaries[option] = json.loads(result.stdout.splitlines()[-1])
+        arrays[option] = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    assert summaries["--match-noise"]["match_noise"] is True and summaries[None]["match_noise"] is False
+    matched, plain = arrays["--match-noise"], arrays[None]
+    assert np.array_equal(matched[::5], plain[::5])  # acquired slices, verbatim in both
+    assert all(not np.array_equal(matched[j], plain[j]) for j in range(matched.shape[0]) if j % 5)
+    assert noise_profile(matched).snli < 0.7 * noise_profile(plain).snli
+
+
 def test_untrained_weights_are_announced(ct_crop, tmp_path):
     from CycleINRLib.checkpoint import load_model
 

@@ -1,0 +1,68 @@
+"""Noise matching (--match-noise): generated slices get the acquired slices' noise level."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from CycleINRLib import geometry, metrics
+from CycleINRLib.baselines import interpolate
+from CycleINRLib.degrade import degrade
+from CycleINRLib.io import read_volume
+from CycleINRLib.noise_matching import add_missing_noise
+
+VALIDATION_CT = "ct/val/lidc-0002_chest_1.25mm.nii.gz"
+PADDING_HU = -2048
+
+
+@pytest.fixture(scope="module")
+def thin_ct():
+    """A 40 x 96 x 96 crop of the real 1.25 mm validation chest CT, air-only corner set to padding."""
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / VALIDATION_CT
+    if not source.is_file():
+        pytest.skip(f"real volumes not available: {source} is absent (a fresh clone has no ../shared)")
+    array = read_volume(source).array
+    k, j, i = [(n - s) // 2 for n, s in zip(array.shape, (40, 96, 96))]
+    crop = array[k:k + 40, j:j + 96, i:i + 96].astype(np.float32)
+    crop[:, :12, :12] = PADDING_HU  # outside a scanner's field of view: no noise there
+    return crop
+
+
+@pytest.mark.parametrize("keep_every, factor", [(2, 2.0), (4, 4.0), (4, 2.0)])
+def test_generated_slices_reach_the_acquired_noise_level(thin_ct, keep_every, factor):
+    low = degrade(thin_ct, keep_every)
+    linear = interpolate(low, factor, method="linear")
+    matched = linear.copy()
+    add_missing_noise(matched, low, factor)
+
+    acquired = [out for out, _ in geometry.acquired_slice_matches(low.shape[0], factor)]
+    generated = np.setdiff1d(np.arange(linear.shape[0]), acquired)
+    assert np.array_equal(matched[acquired], linear[acquired])
+    assert np.array_equal(matched[:, :12, :12], linear[:, :12, :12])  # padding stays padding
+    target = np.interp(generated / factor, np.arange(low.shape[0]), metrics.slice_noise_levels(low))
+    before, after = metrics.slice_noise_levels(linear[generated]), metrics.slice_noise_levels(matched[generated])
+    assert np.mean(np.abs(before - target) / target) > 0.1  # linear interpolation is visibly smoother
+    assert np.allclose(after, target, rtol=0.05)
+    assert metrics.noise_profile(matched).snli < 0.6 * metrics.noise_profile(linear).snli
+    cubic_snli = metrics.noise_profile(interpolate(low, factor, method="cubic")).snli
+    assert metrics.noise_profile(matched).snli < cubic_snli
+    truth = thin_ct[::keep_every // int(factor)][: linear.shape[0]]
+    cost = metrics.psnr(truth[generated], linear[generated]) - metrics.psnr(truth[generated], matched[generated])
+    assert 0 < cost < 0.5  # noise is not information: it costs a little PSNR, not much
+
+
+def test_same_seed_same_noise_and_nothing_added_to_noise_free_slices(thin_ct):
+    low = degrade(thin_ct, 2)
+    first, second, other = (interpolate(low, 2.0, method="linear") for _ in range(3))
+    add_missing_noise(first, low, 2.0)
+    add_missing_noise(second, low, 2.0)
+    add_missing_noise(other, low, 2.0, seed=1)
+    assert np.array_equal(first, second) and not np.array_equal(first, other)
+
+    ramp = np.broadcast_to(np.linspace(-100, 100, 48, dtype=np.float32), (6, 48, 48)).copy()  # db2 sees no noise
+    upsampled = interpolate(ramp, 2.0, method="linear")
+    untouched = upsampled.copy()
+    add_missing_noise(upsampled, ramp, 2.0)
+    assert np.array_equal(upsampled, untouched)
