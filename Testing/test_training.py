@@ -129,6 +129,9 @@ def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path):
     assert info.trained and info.provenance["steps"] in (15, 30)
     assert set(info.provenance["training_data"]) == {"a.nii.gz", "b.nii.gz"}
     assert "2:2/psnr_generated" in info.provenance["validation"] and np.isfinite(info.provenance["validation"]["mean_psnr"])
+    validation = info.provenance["validation"]
+    assert validation["mean_snli_excess"] == pytest.approx(
+        np.mean([validation[f"{c}/snli"] - validation[f"{c}/snli_truth"] for c in ("2:2", "5:2.5")]))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
