@@ -72,6 +72,7 @@ class RunConfig:
     val_crop: list | None = field(default_factory=lambda: [96, 160, 160])  # slices, rows, cols; null: whole volume
     val_cases: list = field(default_factory=lambda: ["2:2", "3:3", "5:5", "5:2.5"])  # keep-every:factor
     init_weights: str | None = None  # start from this weights file (fine-tuning) instead of random; unused on resume
+    recompute_slices: int = 0  # decode HR slices in chunks of this many, recomputed in backward: less memory, more time; 0: off
 
 
 @dataclass

@@ -63,6 +63,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     # ---------------------------------------------------------------- model, optimizer, schedule
     torch.manual_seed(config.optim.seed)
     model = CycleINR(model_config).to(device)
+    model.recompute_slices = config.run.recompute_slices
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.optim.lr_halve_every, gamma=0.5)
     step, wall_before, best_psnr, metrics = 0, 0.0, float("-inf"), {}

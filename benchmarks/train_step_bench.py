@@ -1,4 +1,5 @@
-"""Seconds per training step (both loss passes, backward, clipping, Adam) of a training config.
+"""Seconds per training step (both loss passes, backward, clipping, Adam) of a training config,
+and the peak memory of the process (CPU: resident size; CUDA: tensors allocated on the GPU).
 
 Draws the config's own batches from its real training volumes, so scales, degradations and
 patch sizes are those of a real run; the first steps warm up and are not counted. Prints one
@@ -6,12 +7,15 @@ Markdown table row for README:
 
     .venv/bin/python benchmarks/train_step_bench.py                                  # Training/configs/ct_cpu.yaml
     .venv/bin/python benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 20 run.device=cuda
+    .venv/bin/python benchmarks/train_step_bench.py --config Training/configs/ct.yaml --warm-up 0 --steps 1 \
+        run.device=cpu data.workers=0 data.scale_min=6 data.scale_max=6 run.recompute_slices=4   # memory at r = 6
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -28,13 +32,13 @@ from Training import data, losses  # noqa: E402
 from Training.config import load_config  # noqa: E402
 from Training.train import train_step  # noqa: E402
 
-WARM_UP_STEPS = 3
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "Training" / "configs" / "ct_cpu.yaml"))
     parser.add_argument("--steps", type=int, default=40, help="timed steps after the warm-up")
+    parser.add_argument("--warm-up", type=int, default=3, help="steps run first and not timed")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for Training/train.py")
     args = parser.parse_intermixed_args()
     config = load_config(args.config, args.overrides)
@@ -48,23 +52,28 @@ def main() -> int:
     batches = data.PairBatches(data.load_volumes(config.data.train, config.data, model_config.normalization),
                                config.data, config.optim.seed)
     model = CycleINR(model_config).to(device)
+    model.recompute_slices = config.run.recompute_slices
     objective = losses.CycleObjective(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     amp = config.optim.amp and device.type == "cuda"
     seconds = []
-    for index in range(WARM_UP_STEPS + args.steps):
+    for index in range(args.warm_up + args.steps):
         batch = batches[(0, index)]
         started = time.perf_counter()
         train_step(objective, model, optimizer, batch, config.optim, device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
-    timed = seconds[WARM_UP_STEPS:]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print("| config | device | steps | mean s/step | median s/step | patches/s |")
-    print("|---|---|---|---|---|---|")
+    timed = seconds[args.warm_up:]
+    if device.type == "cuda":
+        where, peak_gb = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # ru_maxrss is in KiB on Linux
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("| config | device | steps | mean s/step | median s/step | patches/s | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {Path(args.config).name} {' '.join(args.overrides)} | {where} | {len(timed)} | {statistics.mean(timed):.3f} | "
-          f"{statistics.median(timed):.3f} | {config.data.batch_size / statistics.mean(timed):.1f} |")
+          f"{statistics.median(timed):.3f} | {config.data.batch_size / statistics.mean(timed):.1f} | {peak_gb:.2f} |")
     return 0
 
 

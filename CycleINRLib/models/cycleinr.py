@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .decoder import Decoder
@@ -22,6 +23,9 @@ class CycleINR(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        # Training only, not part of the model: decode this many slices at a time and recompute
+        # their activations in the backward pass instead of keeping them (0: keep everything).
+        self.recompute_slices = 0
         self.encoder = Encoder(config.encoder_width, config.encoder_blocks, config.convs_per_block, config.latent_dim)
         self.sampler = LatentSampler(config.latent_dim, config.attention)
         self.decoder = Decoder(
@@ -38,7 +42,18 @@ class CycleINR(nn.Module):
         return self.sampler.prepare(self.encoder(volume))
 
     def decode(self, grid: LatentGrid, volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Intensities (B, 1, S, H, W) at slice positions (S,) of the encoded `volume`."""
+        """Intensities (B, 1, S, H, W) at slice positions (S,) of the encoded `volume`.
+
+        With `recompute_slices` set and gradients on, the sampled neighbourhoods and decoder
+        activations of only one chunk of slices are alive at a time (torch.utils.checkpoint):
+        they dominate a training step's memory, which then grows with the chunk, not with S.
+        """
+        if self.recompute_slices and torch.is_grad_enabled() and len(positions) > self.recompute_slices:
+            chunks = positions.split(self.recompute_slices)
+            return torch.cat([checkpoint(self._decode, grid, volume, chunk, use_reentrant=False) for chunk in chunks], dim=2)
+        return self._decode(grid, volume, positions)
+
+    def _decode(self, grid: LatentGrid, volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         where = SlicePositions.locate(positions.to(volume.device), volume.shape[2])
         latent = self.sampler.sample(grid, where)  # (B, S, H, W, C)
         offset = (2.0 * where.offset).to(latent.dtype).view(1, -1, 1, 1, 1).expand(*latent.shape[:4], 1)
