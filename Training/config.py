@@ -72,7 +72,11 @@ class RunConfig:
     val_crop: list | None = field(default_factory=lambda: [96, 160, 160])  # slices, rows, cols; null: whole volume
     val_cases: list = field(default_factory=lambda: ["2:2", "3:3", "5:5", "5:2.5"])  # keep-every:factor
     init_weights: str | None = None  # start from this weights file (fine-tuning) instead of random; unused on resume
-    recompute_slices: int = 0  # decode HR slices in chunks of this many, recomputed in backward: less memory, more time; 0: off
+    recompute_slices: int = 0  # decode HR slices this many at a time, recomputed in backward (less memory); 0: off
+
+    def __post_init__(self):
+        if self.recompute_slices < 0:
+            raise ValueError(f"recompute_slices must be >= 0, not {self.recompute_slices}")
 
 
 @dataclass
