@@ -179,8 +179,9 @@ def upsample_array(
     """Upsample numpy `axis` of `array` by `factor`; same dtype, output grid of geometry.py.
 
     `match_noise` adds synthetic noise to the generated slices up to the acquired slices'
-    noise level (noise_matching.py; off by default). Raises InputError when the budget cannot hold the arrays, UpsampleCancelled when
-    `should_cancel()` turns true (checked before every tile and decode chunk).
+    noise level (noise_matching.py; off by default). Raises InputError when the budget cannot
+    hold the arrays, UpsampleCancelled when `should_cancel()` turns true (checked before every
+    tile and decode chunk).
     """
     factor = geometry.check_factor(factor)
     device = device if isinstance(device, torch.device) else resolve_device(device)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from CycleINRLib import geometry
+from CycleINRLib.metrics import GAUSSIAN_MAD, NOISE_WAVELET
 
 
 def hr_positions(lr_slices: int, scale: float) -> torch.Tensor:
@@ -57,12 +58,11 @@ def cycle_loss(reestimated: torch.Tensor, low: torch.Tensor, kind: str = "l1") -
     return PIXEL_LOSSES[kind](reestimated.float(), low[:, :, :reestimated.shape[2]])
 
 
-_DB2_HIGH_PASS = torch.tensor(pywt.Wavelet("db2").dec_hi[::-1])  # flipped: conv2d correlates
-DIAGONAL_DETAIL_KERNEL = (_DB2_HIGH_PASS[:, None] * _DB2_HIGH_PASS[None, :]).view(1, 1, 4, 4)
-# E|x| over the smaller half of |x| for a unit Gaussian (|x| below its median 0.6745):
+_HIGH_PASS = torch.tensor(pywt.Wavelet(NOISE_WAVELET).dec_hi[::-1])  # flipped: conv2d correlates
+DIAGONAL_DETAIL_KERNEL = (_HIGH_PASS[:, None] * _HIGH_PASS[None, :]).view(1, 1, 4, 4)
+# E|x| over the smaller half of |x| for a unit Gaussian (|x| below its median q = 0.6745):
 # sqrt(2/pi) (1 - exp(-q^2/2)) / 0.5; dividing by it turns the trimmed mean into a standard deviation.
-_MEDIAN_ABS = 0.6744897501960817
-GAUSSIAN_LOWER_HALF_MEAN_ABS = math.sqrt(2 / math.pi) * (1 - math.exp(-_MEDIAN_ABS ** 2 / 2)) / 0.5
+GAUSSIAN_LOWER_HALF_MEAN_ABS = math.sqrt(2 / math.pi) * (1 - math.exp(-GAUSSIAN_MAD ** 2 / 2)) / 0.5
 
 
 def slice_noise_levels(volume: torch.Tensor) -> torch.Tensor:
