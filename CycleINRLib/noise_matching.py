@@ -65,7 +65,8 @@ def noise_amplitude_spectrum(low: np.ndarray, levels: np.ndarray) -> np.ndarray:
     +-3 noise levels, reconstructed without the approximation band.
     """
     power = np.zeros((low.shape[1], low.shape[2] // 2 + 1))
-    for plane, level in zip(low.astype(np.float64), levels):
+    for plane, level in zip(low, levels):  # one slice at a time: no volume-sized float64 copy
+        plane = plane.astype(np.float64)
         coefficients = pywt.wavedec2(plane, metrics.NOISE_WAVELET, level=DETAIL_LEVELS)
         noise_only = [np.zeros_like(coefficients[0])] + [
             tuple(np.clip(band, -NOISE_CLIP * level, NOISE_CLIP * level) for band in details)

@@ -46,7 +46,8 @@ class ValidationSet:
 
     def evaluate(self, model, device) -> tuple[dict[str, float], np.ndarray]:
         """Scores per case (CycleINR's PSNR/SSIM on generated slices, gain over linear, SNLI
-        and the truth's), their means (SNLI as the excess over the truth's) and a coronal preview of the first volume: truth | linear | CycleINR."""
+        and the truth's), their means (SNLI as the excess over the truth's) and a coronal
+        preview of the first volume: truth | linear | CycleINR."""
         methods = [
             evaluate.Method("linear", functools.partial(interpolate, method="linear"), "linear"),
             evaluate.Method("cycleinr", lambda a, f, axis: upsample_array(a, f, model, axis=axis, device=device), "training"),
