@@ -21,17 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from CycleINRLib.checkpoint import load_model  # noqa: E402
 from CycleINRLib.config import NAMED_CONFIGS  # noqa: E402
 from CycleINRLib.degrade import degrade, degrade_at  # noqa: E402
+from CycleINRLib.evaluate import evaluate_volume, make_methods, parse_case  # noqa: E402
 from CycleINRLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CycleINRLib.models import CycleINR  # noqa: E402
 from Training import checkpointing, data, losses  # noqa: E402
 from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
+from Training.error_by_band import band_errors  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
 from Training.train import train  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data"
 HEAD = SHARED_DATA / "ct" / "train" / "vtk-fullhead_head_1.5mm.nii.gz"
+VALIDATION_CT = SHARED_DATA / "ct" / "val" / "lidc-0002_chest_1.25mm.nii.gz"
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +143,24 @@ def test_fit_one_batch_gets_past_linear_interpolation_with_the_shipped_losses(cr
     reports = fit_one_batch(config, scale=2.0, steps=40, report_every=20)
     assert [r["step"] for r in reports] == [20, 40]
     assert reports[-1]["gain_over_linear_db"] > 0.1 and reports[-1]["loss"] < reports[0]["loss"]
+
+
+def test_error_by_band_adds_up_to_the_psnr_of_cycleinr_evaluate():
+    """The bands partition the generated slices: their summed error gives evaluate's PSNR."""
+    if not VALIDATION_CT.is_file():
+        pytest.skip(f"real volumes not available: {VALIDATION_CT} is absent (a fresh clone has no ../shared)")
+    full = read_volume(VALIDATION_CT).array
+    k, j, i = (n // 2 for n in full.shape)
+    truth = np.ascontiguousarray(full[k - 20:k + 21, j - 48:j + 48, i - 48:i + 48])  # chest: all four bands
+    methods = make_methods(["linear", "cubic"])
+    for case in (parse_case("3:3"), parse_case("4:2")):
+        rows = band_errors(truth, case, methods)
+        (result,) = evaluate_volume(truth, 0, (1.25, 0.7, 0.7), [case], methods)
+        assert sum(row["voxel_share"] for row in rows) == pytest.approx(1.0)
+        assert all(row["voxels"] > 0 for row in rows)
+        for row in result.rows:
+            squared_error = sum(band["sse"][row["method"]] for band in rows) / sum(band["voxels"] for band in rows)
+            assert 10 * np.log10(4095.0 ** 2 / squared_error) == pytest.approx(row["psnr_generated"], abs=1e-3)
 
 
 def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
