@@ -39,6 +39,8 @@ BANDS = {  # name -> [low, high) in HU of the true voxel
 def band_errors(truth: np.ndarray, case, methods, degradation: str = "interval") -> list[dict]:
     """One row per band: voxel share and, per method, the summed squared error (slice axis 0)."""
     low_resolution = degrade(truth, case.keep_every, 0, degradation)
+    if low_resolution.shape[0] < 2:
+        raise InputError(f"{truth.shape[0]} slices are too few for case {case.label}")
     output_slices = output_slice_count(low_resolution.shape[0], case.factor)
     acquired = {out for out, _ in acquired_slice_matches(low_resolution.shape[0], case.factor)}
     generated = [j for j in range(output_slices) if j not in acquired]
@@ -67,15 +69,22 @@ def markdown(tables: list[tuple[str, list[dict]]]) -> str:
         for row in rows:
             cells = [label, row["band"], f"{100 * row['voxel_share']:.1f} %"]
             cells += [f"{np.sqrt(row['sse'][m] / max(row['voxels'], 1)):.1f}" for m in methods]
-            cells.append(f"{100 * row['sse'][first] / total:.1f} %")
-            cells += [f"{10 * np.log10(row['sse'][first] / row['sse'][m]):+.2f} dB" for m in methods[1:]]
+            cells.append(f"{100 * row['sse'][first] / total:.1f} %" if total > 0 else "-")
+            cells += [_gain(row["sse"][first], row["sse"][m]) for m in methods[1:]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _gain(reference_error: float, error: float) -> str:
+    """Gain in dB; "-" where a band has no error to compare (no voxels, or exact)."""
+    if reference_error <= 0 or error <= 0:
+        return "-"
+    return f"{10 * np.log10(reference_error / error):+.2f} dB"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("volume", type=Path, help="thin-slice CT; its slice axis is the one degraded")
+    parser.add_argument("volume", type=Path, help="thin-slice CT; its third (k, slice) axis is the one degraded")
     parser.add_argument("--cases", nargs="+", default=["2:2", "5:5"], help="k:r cases as in cycleinr evaluate")
     parser.add_argument("--methods", nargs="+", default=["linear", "cycleinr"], help="the first is the reference")
     parser.add_argument("--weights", help="CycleINR weights (default: the bundled CT weights)")
