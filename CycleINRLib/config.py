@@ -47,6 +47,9 @@ class ModelConfig:
     convs_per_block: int = 6  # Conv3d + ReLU layers per block
     latent_dim: int = 128  # |z|, latent code length per low-resolution voxel
     attention: bool = True  # local attention mechanism (LAM) over the 3x3x3 neighbourhood
+    # Not in the paper: add the attention term to the trilinear code instead of replacing it,
+    # its values starting at zero, so training starts from the model without LAM (README, ablation).
+    attention_residual: bool = False
     decoder_width: int = 256
     decoder_layers: int = 8  # fully connected layers, each followed by the activation
     decoder_skip_layer: int = 4  # the decoder input is concatenated before this layer
@@ -57,6 +60,8 @@ class ModelConfig:
     def __post_init__(self):
         if not 0 < self.decoder_skip_layer < self.decoder_layers:
             raise ValueError("decoder_skip_layer must lie strictly inside the decoder")
+        if self.attention_residual and not self.attention:
+            raise ValueError("attention_residual needs attention")
         if self.decoder_activation not in DECODER_ACTIVATIONS:
             raise ValueError(f"decoder_activation must be one of {DECODER_ACTIVATIONS}, not {self.decoder_activation!r}")
         if min(self.encoder_width, self.encoder_blocks, self.convs_per_block, self.latent_dim,

@@ -106,6 +106,7 @@ class _MemoryModel:
         per_tile_voxel = 4 * max(encoding, kept)
         per_plane_pixel = 4 * (2 * 27 * latent + 2 * 27) + 2 * 8 * 27 if config.attention else 0
         per_query = 4 * ((7 * latent + 60 if config.attention else 3 * latent) + 2 * (latent + 1)
+                         + (2 * latent if config.attention_residual else 0)
                          + 3 * config.decoder_width)
         return cls(per_tile_voxel, per_plane_pixel, per_query)
 

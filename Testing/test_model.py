@@ -74,3 +74,22 @@ def test_recomputed_decoding_gives_the_same_values_and_gradients():
     assert all(plain_grads[name].abs().sum() > 0 for name in plain_grads)
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, chunked_grads[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_residual_attention_starts_as_trilinear_sampling_and_adds_eq_4():
+    """attention_residual: code = trilinear code + eq. 4's term, whose values start at zero."""
+    from CycleINRLib.config import NAMED_CONFIGS, ModelConfig
+
+    torch.manual_seed(0)
+    latent = torch.randn(2, 8, 4, 5, 3)
+    where = SlicePositions.locate(torch.arange(0.0, 3.01, 0.43), depth=4)
+    sampler = LatentSampler(latent_dim=8, attention=True, residual=True)
+    grid = sampler.prepare(latent)
+    trilinear = where.lerp(grid.latent, dim=1)
+    assert torch.equal(sampler.sample(grid, where), trilinear)  # an untrained residual LAM is no LAM
+    torch.nn.init.normal_(sampler.qkv.weight)  # trained values: the attention term adds to the code
+    grid = sampler.prepare(latent)
+    expected = trilinear.double() + attention_by_definition(grid, where)
+    assert torch.allclose(sampler.sample(grid, where).double(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_residual needs attention"):
+        ModelConfig.from_dict({**NAMED_CONFIGS["light"].to_dict(), "attention": False, "attention_residual": True})

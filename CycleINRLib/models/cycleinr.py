@@ -27,7 +27,7 @@ class CycleINR(nn.Module):
         # their activations in the backward pass instead of keeping them (0: keep everything).
         self.recompute_slices = 0
         self.encoder = Encoder(config.encoder_width, config.encoder_blocks, config.convs_per_block, config.latent_dim)
-        self.sampler = LatentSampler(config.latent_dim, config.attention)
+        self.sampler = LatentSampler(config.latent_dim, config.attention, config.attention_residual)
         self.decoder = Decoder(
             COORDINATE_DIM + config.latent_dim, config.decoder_width, config.decoder_layers, config.decoder_skip_layer,
             config.decoder_activation,

@@ -60,11 +60,15 @@ class LatentGrid(NamedTuple):
 
 
 class LatentSampler(nn.Module):
-    def __init__(self, latent_dim: int, attention: bool):
+    def __init__(self, latent_dim: int, attention: bool, residual: bool = False):
         super().__init__()
         self.attention = attention
+        self.residual = residual
         self.scale = 1.0 / math.sqrt(latent_dim)
         self.qkv = nn.Linear(latent_dim, 3 * latent_dim) if attention else None
+        if residual:  # W_V = 0: the attention term starts at zero, the code at the trilinear one
+            nn.init.zeros_(self.qkv.weight[2 * latent_dim:])
+            nn.init.zeros_(self.qkv.bias[2 * latent_dim:])
 
     def prepare(self, latent: torch.Tensor) -> LatentGrid:
         """(B, C, D, H, W) encoder output -> channels-last grid with queries, keys, values."""
@@ -78,7 +82,8 @@ class LatentSampler(nn.Module):
         """Latent codes (B, S, H, W, C) at the located slice positions."""
         if not self.attention:
             return where.lerp(grid.latent, dim=1)
-        return self._attend(where.lerp(grid.query, dim=1), grid.key, grid.value, where.nearest)
+        attended = self._attend(where.lerp(grid.query, dim=1), grid.key, grid.value, where.nearest)
+        return where.lerp(grid.latent, dim=1) + attended if self.residual else attended
 
     def _attend(self, query, key, value, nearest) -> torch.Tensor:
         """Softmax over the 27 neighbours of the nearest voxel; outside the grid is masked."""
