@@ -33,7 +33,6 @@ from Training.config import load_config  # noqa: E402
 from Training.train import train_step  # noqa: E402
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "Training" / "configs" / "ct_cpu.yaml"))
@@ -41,6 +40,8 @@ def main() -> int:
     parser.add_argument("--warm-up", type=int, default=3, help="steps run first and not timed")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for Training/train.py")
     args = parser.parse_intermixed_args()
+    if args.steps < 1 or args.warm_up < 0:
+        parser.error("--steps must be at least 1 and --warm-up at least 0")
     config = load_config(args.config, args.overrides)
     if not Path(config.data.train).exists():
         raise SystemExit(f"{config.data.train} is absent: the benchmark needs the training volumes (../shared/data)")
