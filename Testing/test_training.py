@@ -27,7 +27,7 @@ from CycleINRLib.models import CycleINR  # noqa: E402
 from Training import checkpointing, data, losses  # noqa: E402
 from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
-from Training.error_by_band import band_errors  # noqa: E402
+from Training.error_by_band import band_errors, markdown, windowed_method  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
 from Training.train import train  # noqa: E402
 
@@ -161,6 +161,24 @@ def test_error_by_band_adds_up_to_the_psnr_of_cycleinr_evaluate():
         for row in result.rows:
             squared_error = sum(band["sse"][row["method"]] for band in rows) / sum(band["voxels"] for band in rows)
             assert 10 * np.log10(4095.0 ** 2 / squared_error) == pytest.approx(row["psnr_generated"], abs=1e-3)
+        gain = result.rows[1]["psnr_generated"] - result.rows[0]["psnr_generated"]  # cubic over linear, in dB
+        last_row = markdown([(case.label, rows)]).splitlines()[-1]
+        assert last_row.startswith(f"| {case.label} | all | 100.0 % |") and last_row.endswith(f"| {gain:+.2f} dB |")
+
+
+def test_windowed_decoding_with_every_acquired_slice_is_whole_volume_decoding():
+    """error_by_band.py --window: a window holding all slices is the engine's result, a narrow one is not."""
+    if not VALIDATION_CT.is_file():
+        pytest.skip(f"real volumes not available: {VALIDATION_CT} is absent (a fresh clone has no ../shared)")
+    full = read_volume(VALIDATION_CT).array
+    k, j, i = (n // 2 for n in full.shape)
+    low = degrade(np.ascontiguousarray(full[k - 10:k + 11, j - 24:j + 24, i - 24:i + 24]), 5)  # 5 slices
+    whole = make_methods(["cycleinr"])[0].upsample(low, 5.0, 0)
+    generated = [n for n in range(len(whole)) if n % 5]
+    every_slice = windowed_method(None, window=low.shape[0]).upsample(low, 5.0, 0)
+    two_slices = windowed_method(None, window=2).upsample(low, 5.0, 0)
+    np.testing.assert_allclose(every_slice[generated], whole[generated], atol=0.51)  # the engine rounds to int16
+    assert np.abs(two_slices[generated] - whole[generated]).max() > 5.0
 
 
 def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
