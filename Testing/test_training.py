@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -295,3 +296,22 @@ def test_shipped_configs_load(path):
         load_config(path, ["optim.stepz=3"])
     with pytest.raises(ValueError, match="pixel_loss must be one of"):
         load_config(path, ["optim.pixel_loss=l3"])
+
+
+def test_overrides_are_read_as_their_setting_s_type():
+    config = load_config(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", ["optim.lr=5e-5", "optim.steps=1e3"])
+    assert config.optim.lr == 5e-5 and isinstance(config.optim.lr, float)  # YAML alone reads "5e-5" as text
+    assert config.optim.steps == 1000 and isinstance(config.optim.steps, int)
+    for override, message in [("optim.steps=1.5", "optim.steps must be a whole number, not 1.5"),
+                              ("optim.lr=fast", "optim.lr must be a number, not 'fast'"),
+                              ("optim.amp=1", "optim.amp must be true or false, not 1"),
+                              ("run.val_crop=48", "run.val_crop must be a list, not 48")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", [override])
+
+
+def test_one_volume_file_is_a_training_set(crops):
+    assert data.volume_paths(crops / "a.nii.gz") == [crops / "a.nii.gz"]
+    listing = crops.parent / "listing.txt"
+    listing.write_text(f"{crops.name}/a.nii.gz\n# a comment\n")
+    assert data.volume_paths(listing) == [crops / "a.nii.gz"]

@@ -43,10 +43,12 @@ class TrainingVolume:
 
 
 def volume_paths(source: str | Path) -> list[Path]:
-    """Files of a folder (known suffixes), or the lines of a list file, relative to that file."""
+    """Files of a folder (known suffixes), one volume file, or the lines of a list file, relative to it."""
     source = Path(source)
     if source.is_dir():
         return sorted(p for p in source.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+    if source.is_file() and source.name.lower().endswith(VOLUME_SUFFIXES):
+        return [source]
     if source.is_file():
         lines = [line.strip() for line in source.read_text().splitlines()]
         return [(source.parent / line) for line in lines if line and not line.startswith("#")]
