@@ -17,8 +17,8 @@ from .losses import PIXEL_LOSSES
 
 @dataclass
 class DataConfig:
-    train: str = "../shared/data/ct/train"  # folder of volumes, or a text file listing them
-    val: str = "../shared/data/ct/val"
+    train: str = "../shared/data/ct/train"  # folder of volumes, one volume file, or a text file listing them
+    val: str | None = "../shared/data/ct/val"  # null: no validation
     lr_slices: int = 6  # low-resolution slices per training patch (the HR patch has ~lr_slices * r)
     patch_size: int = 48  # in-plane rows and columns of a patch
     batch_size: int = 4  # patches per step and per process; one batch shares its scale
