@@ -3,8 +3,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The GPU paths (bfloat16 autocast, NCCL, recomputation, pinned memory) run wherever a CUDA
+# device is; `benchmarks/gpu_session.sh` runs them on a lent GPU machine.
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 @pytest.fixture

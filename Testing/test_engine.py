@@ -1,5 +1,7 @@
 """Tiled inference: exactness, cancellation, progress, memory budget, intensities."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from CycleINRLib import engine
 from CycleINRLib.config import NAMED_CONFIGS
 from CycleINRLib.errors import InputError, UpsampleCancelled
 from CycleINRLib.models import CycleINR
+from conftest import NEEDS_CUDA
 
 
 @pytest.fixture(scope="module", params=["light", "paper"])
@@ -98,6 +101,15 @@ def test_other_axis_is_upsampled_in_place(model):
 def test_budget_smaller_than_the_arrays_is_refused(model):
     with pytest.raises(InputError, match="memory budget"):
         engine.upsample_array(_ct_like((10, 64, 64)), 4.0, model, max_memory_gb=0.5)
+
+
+@NEEDS_CUDA
+def test_cuda_upsampling_equals_cpu_upsampling(model):
+    volume = _ct_like((8, 40, 36))
+    on_cpu = engine.upsample_array(volume, 2.5, model, device="cpu")
+    on_gpu = engine.upsample_array(volume, 2.5, copy.deepcopy(model), device="cuda")  # the fixture stays on the CPU
+    assert on_gpu.dtype == on_cpu.dtype and on_gpu.shape == on_cpu.shape
+    assert np.abs(on_gpu.astype(np.int32) - on_cpu).max() <= 2  # HU: rounding, TF32 convolutions
 
 
 def test_unavailable_device_is_refused():

@@ -31,6 +31,7 @@ from Training.export_weights import export  # noqa: E402
 from Training.error_by_band import band_errors, markdown, windowed_method  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
 from Training.train import train  # noqa: E402
+from conftest import DEVICES, NEEDS_CUDA  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data"
@@ -121,8 +122,10 @@ def test_noise_level_loss_charges_smooth_slices_and_is_differentiable():
     assert without.noise.item() == 0 and without.total.item() == pytest.approx(without.inr.item() + without.cycle.item())
 
 
-def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path, device):
     config = small_config(crops, tmp_path / "run", steps=30, lr=1e-3)
+    config.run.device = device  # on CUDA: bfloat16 autocast, pinned memory
     config.model_overrides = {"predict_residual": False}  # starts far from the truth, unlike the residual model
     config.data.val = str(crops)
     config.run.val_crop, config.run.val_cases, config.run.val_every = [24, 32, 32], ["2:2", "5:2.5"], 15
@@ -253,12 +256,14 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path):
     assert checkpointing.list_checkpoints(tmp_path / "ddp")[-1].name == "step-0000004.json"
 
 
-def test_torchrun_launches_the_training_script_on_two_cpu_processes(crops, tmp_path):
-    """The documented multi-GPU command, on CPUs (gloo): torchrun itself, not a stand-in."""
+@pytest.mark.parametrize("device, processes", [("cpu", 2), pytest.param("cuda", torch.cuda.device_count(), marks=NEEDS_CUDA)])
+def test_torchrun_launches_the_training_script(crops, tmp_path, device, processes):
+    """The documented multi-GPU command: torchrun itself, not a stand-in; gloo on CPUs, NCCL on every GPU."""
     config = small_config(crops, tmp_path / "run", steps=4)
-    config_file = tmp_path / "two_processes.yaml"
+    config.run.device = device
+    config_file = tmp_path / "processes.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)]
     # tqdm draws its bar in Unicode, whatever the locale: decode it as such.
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", cwd=tmp_path, timeout=600)
@@ -266,8 +271,8 @@ def test_torchrun_launches_the_training_script_on_two_cpu_processes(crops, tmp_p
     last = checkpointing.list_checkpoints(tmp_path / "run")[-1]
     assert last.name == "step-0000004.json"
     _, info = load_model(export(last, tmp_path / "exported.safetensors"))
-    # Exported by one process, it still counts both ranks' patches.
-    assert info.provenance["processes"] == 2 and info.provenance["patches_seen"] == 4 * 2 * 2
+    # Exported by one process, it still counts every rank's patches.
+    assert info.provenance["processes"] == processes and info.provenance["patches_seen"] == 4 * 2 * processes
 
 
 def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
