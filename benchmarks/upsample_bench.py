@@ -33,9 +33,9 @@ sitk.WriteImage(sitk.Resample(image, size, sitk.Transform(), sitk.sitkBSpline, i
 """
 
 
-def thick_ct(folder: Path, size: int, slices: int, keep_every: int) -> Path:
+def thick_ct(source: Path, folder: Path, size: int, slices: int, keep_every: int) -> Path:
     """A thick-slice CT: every `keep_every`-th 1 mm slice of a real chest CT, cropped in-plane."""
-    image = sitk.ReadImage(str(SOURCE))
+    image = sitk.ReadImage(str(source))
     start_i = max(0, (image.GetSize()[0] - size) // 2)
     start_j = max(0, (image.GetSize()[1] - size) // 2)
     image = image[start_i:start_i + size, start_j:start_j + size, ::keep_every][:, :, :slices]
@@ -52,13 +52,15 @@ def main() -> int:
     parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 2.5, 5.0])
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--max-memory", type=float, default=6.0)
+    parser.add_argument("--source", type=Path, default=SOURCE,
+                        help="the 1 mm chest CT (default: LIDC-IDRI-0314 in ../shared/data; a central crop of it where that is absent)")
     args = parser.parse_args()
-    if not SOURCE.is_file():
-        raise SystemExit(f"{SOURCE} is absent: the benchmark needs ../shared/data")
+    if not args.source.is_file():
+        raise SystemExit(f"{args.source} is absent: the benchmark needs ../shared/data")
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        source = thick_ct(Path(folder), args.size, args.slices, args.keep_every)
+        source = thick_ct(args.source, Path(folder), args.size, args.slices, args.keep_every)
         output = Path(folder) / "out.nrrd"
         for factor in args.factors:
             runs = [("SimpleITK B-spline", "cpu", [sys.executable, "-c", BSPLINE_SCRIPT, str(source), str(output), str(factor)])]

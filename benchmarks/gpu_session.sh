@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU work of a session that is lent a GPU machine, prepared here so that its few minutes
+# of device time go to the GPU. From the repository root:
+#
+#   benchmarks/gpu_session.sh prepare   # here, once: .whl (SimpleITK and PyWavelets for the GPU
+#                                       # image's Python 3.12) and .gpu_data (real volumes that fit)
+#   benchmarks/gpu_session.sh check     # there; carry .whl .gpu_data/check
+#   STEPS=N BATCH=B benchmarks/gpu_session.sh train   # there, the next call; carry .gpu_data/train .gpu_data/val
+#
+# check: the CUDA tests (bfloat16 autocast, recomputation, NCCL through torchrun, CUDA
+# upsampling) and the training-step benchmarks on the GPU, whose s/step sizes STEPS for train.
+# train: a stage of ct_cpu.yaml on the GPU from the shipped weights (batch B, Adam 1e-4 halved
+# every STEPS/4), its weights and log back under $OUT, then `cycleinr upsample` timed on CPU and GPU.
+# A call carries at most 64 MiB: the wheels (57 MB) and the training volumes (51 MB) travel in
+# separate calls; the installed wheels (.site) and the test volume stay on the warm machine,
+# which is given back 30 s after a call, so issue train at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_session}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the plumbing without a GPU
+PYTHON=${PYTHON:-python3}  # the GPU image's, which holds PyTorch
+mkdir -p "$OUT"
+SHARED=../shared/data/ct
+
+prepare() {
+    rm -rf .whl .gpu_data
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl simpleitk==2.5.7 PyWavelets==1.9.0
+    mkdir -p .gpu_data/check/data/ct/train .gpu_data/train .gpu_data/val
+    cp "$SHARED/train/vtk-fullhead_head_1.5mm.nii.gz" .gpu_data/check/data/ct/train/  # the tests' head CT
+    # Central 256 x 256 crops of the chest CTs, every slice (the full volumes are 143 MB), the
+    # head whole, and the in-run validation crop.
+    .venv/bin/python - <<'EOF'
+import SimpleITK as sitk
+from pathlib import Path
+for path in sorted(Path("../shared/data/ct/train").glob("*chest*.nii.gz")):
+    image = sitk.ReadImage(str(path))
+    x, y = ((n - 256) // 2 for n in image.GetSize()[:2])
+    sitk.WriteImage(image[x:x + 256, y:y + 256, :], f".gpu_data/train/{path.name}", True)
+val = sitk.ReadImage("../shared/data/ct/val/lidc-0002_chest_1.25mm.nii.gz")
+start = [(n - s) // 2 for n, s in zip(val.GetSize(), (96, 96, 48))]
+sitk.WriteImage(val[start[0]:start[0] + 96, start[1]:start[1] + 96, start[2]:start[2] + 48],
+                ".gpu_data/val/lidc-0002_crop48x96x96.nii.gz", True)
+EOF
+    cp "$SHARED/train/vtk-fullhead_head_1.5mm.nii.gz" .gpu_data/train/
+    du -sh .whl .gpu_data/*
+}
+
+use_site() {
+    export PYTHONPATH="$PWD/.site:$PWD" PYTHONUNBUFFERED=1
+    [ -e ../shared ] || ln -s "$PWD/.gpu_data/check" ../shared  # where the tests look for real volumes
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+}
+
+check() {
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
+    use_site
+    "$PYTHON" -m pytest -q -rs -p no:cacheprovider Testing/test_model.py Testing/test_engine.py Testing/test_training.py \
+        -k "cuda or bfloat16" 2>&1 | tee "$OUT/tests.log"
+    for batch in 4 32 128; do
+        "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct_cpu.yaml --steps 30 run.device=$DEVICE \
+            data.batch_size=$batch data.train=.gpu_data/check/data/ct/train data.workers=0
+    done 2>&1 | tee "$OUT/train_step_bench.md"
+    for recompute in 0 4; do
+        "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 5 run.device=$DEVICE \
+            data.train=.gpu_data/check/data/ct/train data.workers=0 run.recompute_slices=$recompute
+    done 2>&1 | tee -a "$OUT/train_step_bench.md"
+}
+
+train() {
+    use_site
+    local steps=${STEPS:?set STEPS from check s/step} batch=${BATCH:-32}
+    "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml run.device=$DEVICE run.threads=0 \
+        run.out_dir=runs/gpu_stage data.train=.gpu_data/train data.val=.gpu_data/val run.val_crop=null \
+        data.batch_size="$batch" data.workers=12 run.init_weights=CycleINRLib/weights/cycleinr_ct.safetensors \
+        optim.seed=11 optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$((steps / 4)) \
+        run.val_every=$((steps / 4)) run.checkpoint_every=$((steps / 8)) run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 > "$OUT/train.log"
+    "$PYTHON" Training/export_weights.py "$(ls runs/gpu_stage/step-*.json | tail -1)" --output "$OUT/gpu_stage.safetensors"
+    "$PYTHON" benchmarks/upsample_bench.py --source .gpu_data/train/lidc-0314_chest_1.0mm.nii.gz --factors ${FACTORS:-2 2.5 5} 2>&1 | tee "$OUT/upsample_bench.md"
+}
+
+case "${1:-}" in
+    prepare | check | train) "$1" ;;
+    *) echo "usage: $0 prepare|check|train" >&2; exit 2 ;;
+esac
