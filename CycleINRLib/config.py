@@ -82,10 +82,48 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
-        values = dict(values)
+        values = {key: value if key == "normalization" else typed_setting(f"model.{key}", cls.__annotations__[key], value)
+                  for key, value in values.items()}
         if isinstance(values.get("normalization"), dict):
-            values["normalization"] = Normalization(**values["normalization"])
+            given = values["normalization"]
+            unknown = set(given) - set(Normalization.__annotations__)
+            if unknown:
+                raise ValueError(f"unknown normalization settings: {', '.join(sorted(unknown))}")
+            values["normalization"] = Normalization(**{
+                key: typed_setting(f"model.normalization.{key}", Normalization.__annotations__[key], value)
+                for key, value in given.items()})
         return cls(**values)
+
+
+def typed_setting(name: str, annotation: str, value):
+    """`value` as the setting's declared type, or a ValueError naming the setting.
+
+    YAML reads 5e-5 (no dot) as a string, and hours of training must not end at the first
+    optimizer step over it, so numbers written that way are accepted; anything else of the
+    wrong type is refused when the config is read. `annotation` is the dataclass field's
+    annotation as text (these modules use postponed annotations).
+    """
+    kinds = annotation.replace(" ", "").split("|")
+    if value is None and "None" in kinds:
+        return None
+    kind = kinds[0]
+    number = value
+    if isinstance(value, str) and kind in ("int", "float"):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if kind == "float" and isinstance(number, (int, float)) and not isinstance(number, bool):
+        return float(number)
+    if kind == "int" and isinstance(number, (int, float)) and not isinstance(number, bool) and float(number).is_integer():
+        return int(number)
+    if kind in ("str", "bool", "dict", "list") and type(value).__name__ == kind:
+        return value
+    raise ValueError(f"{name} must be {_KIND_WORDS[kind]}, not {value!r}")
+
+
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
+               "dict": "a mapping", "list": "a list"}
 
 
 NAMED_CONFIGS = {

@@ -310,7 +310,8 @@ def test_overrides_are_read_as_their_setting_s_type():
     for override, message in [("optim.steps=1.5", "optim.steps must be a whole number, not 1.5"),
                               ("optim.lr=fast", "optim.lr must be a number, not 'fast'"),
                               ("optim.amp=1", "optim.amp must be true or false, not 1"),
-                              ("run.val_crop=48", "run.val_crop must be a list, not 48")]:
+                              ("run.val_crop=48", "run.val_crop must be a list, not 48"),
+                              ("model_overrides={attention: 'no'}", "model.attention must be true or false, not 'no'")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_config(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", [override])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from CycleINRLib.checkpoint import WeightsError, read_description
-from CycleINRLib.config import NAMED_CONFIGS, ModelConfig
+from CycleINRLib.config import NAMED_CONFIGS, ModelConfig, typed_setting
 from CycleINRLib.degrade import DEGRADATIONS
 
 from .losses import PIXEL_LOSSES
@@ -119,39 +119,9 @@ class TrainConfig:
             wrong = set(part) - {f.name for f in fields(section)}
             if wrong:
                 raise ValueError(f"unknown settings in {name}: {', '.join(sorted(wrong))}")
-            built[name] = section(**{key: _typed(f"{name}.{key}", section.__annotations__[key], value)
+            built[name] = section(**{key: typed_setting(f"{name}.{key}", section.__annotations__[key], value)
                                      for key, value in part.items()})
         return cls(**built)
-
-
-def _typed(name: str, annotation: str, value):
-    """`value` as the setting's declared type, or a ValueError naming the setting.
-
-    YAML reads 5e-5 (no dot) as a string, and hours of training must not end at the first
-    optimizer step over it, so numbers written that way are accepted; anything else of the
-    wrong type is refused when the config is read.
-    """
-    kinds = annotation.replace(" ", "").split("|")
-    if value is None and "None" in kinds:
-        return None
-    kind = kinds[0]
-    number = value
-    if isinstance(value, str) and kind in ("int", "float"):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    if kind == "float" and isinstance(number, (int, float)) and not isinstance(number, bool):
-        return float(number)
-    if kind == "int" and isinstance(number, (int, float)) and not isinstance(number, bool) and float(number).is_integer():
-        return int(number)
-    if kind in ("str", "bool", "dict", "list") and type(value).__name__ == kind:
-        return value
-    raise ValueError(f"{name} must be {_KIND_WORDS[kind]}, not {value!r}")
-
-
-_KIND_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
-               "dict": "a mapping", "list": "a list"}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
