@@ -234,6 +234,20 @@ def test_train_script_rejects_a_bad_config_in_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("source, message", [
+    ("missing", "no such folder, volume file or list file"),
+    ("image.png", "neither a volume file (.nii, .nii.gz, .nrrd, .mha, .mhd) nor a text file listing volumes"),
+])
+def test_train_script_reports_unreadable_data_in_one_line(tmp_path, source, message):
+    (tmp_path / "image.png").write_bytes((REPOSITORY / "CycleINR.png").read_bytes())
+    result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config",
+                             str(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml"), f"data.train={tmp_path / source}",
+                             f"run.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"train.py: error: {tmp_path / source}: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
 def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path) -> None:
     import os
 

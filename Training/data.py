@@ -28,6 +28,10 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 PATCH_TRIES = 10
 
 
+class DataSourceError(ValueError):
+    """data.train or data.val gives nothing to read: reported in one line before any training."""
+
+
 class TrainingDataWarning(UserWarning):
     """A volume that cannot serve for training; the run goes on without it."""
 
@@ -50,9 +54,13 @@ def volume_paths(source: str | Path) -> list[Path]:
     if source.is_file() and source.name.lower().endswith(VOLUME_SUFFIXES):
         return [source]
     if source.is_file():
-        lines = [line.strip() for line in source.read_text().splitlines()]
+        try:
+            lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError):
+            raise DataSourceError(f"{source}: neither a volume file ({', '.join(VOLUME_SUFFIXES)}) "
+                                  "nor a text file listing volumes") from None
         return [(source.parent / line) for line in lines if line and not line.startswith("#")]
-    raise FileNotFoundError(f"{source}: no such folder or list file")
+    raise DataSourceError(f"{source}: no such folder, volume file or list file")
 
 
 def read_or_skip(path: Path, purpose: str) -> Volume | None:
@@ -110,7 +118,7 @@ class PairBatches(Dataset):
 
     def __init__(self, volumes: list[TrainingVolume], config: DataConfig, seed: int):
         if not volumes:
-            raise ValueError("no usable training volume (see the warnings above)")
+            raise DataSourceError("no usable training volume (see the warnings above)")
         self.volumes, self.config, self.seed = volumes, config, seed
         self.modes = sorted(config.degradations)
         weights = np.array([config.degradations[m] for m in self.modes], dtype=float)

@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
     except (OSError, ValueError, yaml.YAMLError) as error:
         parser.error(f"{args.config}: {error}")
-    train(config)
+    try:
+        train(config)
+    except data.DataSourceError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

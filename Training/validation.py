@@ -17,7 +17,7 @@ from CycleINRLib.config import Normalization
 from CycleINRLib.engine import upsample_array
 
 from .config import RunConfig
-from .data import read_or_skip, volume_paths
+from .data import DataSourceError, read_or_skip, volume_paths
 
 PREVIEW_CASE = "5:5"
 
@@ -41,7 +41,7 @@ class ValidationSet:
             arrays.append(_centre_crop(volume.array, run.val_crop))
             spacings.append(volume.spacing[::-1])
         if not arrays:
-            raise ValueError(f"no usable validation volume in {source}")
+            raise DataSourceError(f"no usable validation volume in {source}")
         return cls(names, arrays, spacings, [evaluate.parse_case(c) for c in run.val_cases], normalization)
 
     def evaluate(self, model, device) -> tuple[dict[str, float], np.ndarray]:
