@@ -8,7 +8,8 @@
 #   STEPS=N BATCH=B benchmarks/gpu_session.sh train   # there, the next call; carry .gpu_data/train .gpu_data/val
 #
 # check: the CUDA tests (bfloat16 autocast, recomputation, NCCL through torchrun, CUDA
-# upsampling) and the training-step benchmarks on the GPU, whose s/step sizes STEPS for train.
+# upsampling), the training-step benchmarks on the GPU, whose s/step sizes STEPS for train, and
+# whether the paper config fits one batch (fit_one_batch.py).
 # train: a stage of ct_cpu.yaml on the GPU from the shipped weights (batch B, Adam 1e-4 halved
 # every STEPS/4), its weights and log back under $OUT, then `cycleinr upsample` timed on CPU and GPU.
 # A call carries at most 64 MiB: the wheels (57 MB) and the training volumes (51 MB) travel in
@@ -66,6 +67,9 @@ check() {
         "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 5 run.device=$DEVICE \
             data.train=.gpu_data/check/data/ct/train data.workers=0 run.recompute_slices=$recompute
     done 2>&1 | tee -a "$OUT/train_step_bench.md"
+    # Does the paper's setup (L1, the full HU window, ReLU) leave the linear start? (README, Training)
+    "$PYTHON" Training/fit_one_batch.py --config Training/configs/ct.yaml --steps 100 run.device=$DEVICE \
+        data.train=.gpu_data/check/data/ct/train 2>&1 | tee "$OUT/fit_one_batch_paper.log"
 }
 
 train() {
