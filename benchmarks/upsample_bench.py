@@ -77,7 +77,7 @@ def main() -> int:
                       f"peak {result['peak_gb']:.2f} GB", file=sys.stderr)
         size = "x".join(map(str, sitk.ReadImage(str(source)).GetSize()))
 
-    print(f"Input: {size} voxels (real chest CT, LIDC-IDRI-0314, every {args.keep_every}-th 1 mm slice); "
+    print(f"Input: {size} voxels (real chest CT, LIDC-IDRI-0314, one in every {args.keep_every} of its 1 mm slices); "
           f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
     print("| method | device | r | output voxels | seconds | output voxels/s | peak memory (GB) |")
