@@ -58,7 +58,7 @@ check() {
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
     use_site
     "$PYTHON" -m pytest -q -rs -p no:cacheprovider Testing/test_model.py Testing/test_engine.py Testing/test_training.py \
-        -k "cuda or bfloat16" 2>&1 | tee "$OUT/tests.log"
+        -k "cuda or bfloat16" 2>&1 | tee "$OUT/tests.log" || echo "CUDA tests FAILED (tests.log); the benchmarks follow"
     for batch in 4 32 128; do
         "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct_cpu.yaml --steps 30 run.device=$DEVICE \
             data.batch_size=$batch data.train=.gpu_data/check/data/ct/train data.workers=0
