@@ -325,7 +325,10 @@ def test_overrides_are_read_as_their_setting_s_type():
                               ("optim.lr=fast", "optim.lr must be a number, not 'fast'"),
                               ("optim.amp=1", "optim.amp must be true or false, not 1"),
                               ("run.val_crop=48", "run.val_crop must be a list, not 48"),
-                              ("model_overrides={attention: 'no'}", "model.attention must be true or false, not 'no'")]:
+                              ("model_overrides={attention: 'no'}", "model.attention must be true or false, not 'no'"),
+                              ("run.checkpoint_every=0", "run.checkpoint_every, run.keep_checkpoints, run.log_every and "
+                                                         "run.val_every must be at least 1"),
+                              ("optim.lr=-1e-4", "optim.lr not negative")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_config(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", [override])
 

@@ -54,6 +54,8 @@ class OptimConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.steps < 1 or self.lr_halve_every < 1 or self.lr < 0:
+            raise ValueError("optim.steps and optim.lr_halve_every must be at least 1, optim.lr not negative")
         if self.noise_weight < 0:
             raise ValueError(f"noise_weight must be >= 0, not {self.noise_weight}")
         if self.pixel_loss not in PIXEL_LOSSES:
@@ -75,6 +77,8 @@ class RunConfig:
     recompute_slices: int = 0  # decode HR slices this many at a time, recomputed in backward (less memory); 0: off
 
     def __post_init__(self):
+        if min(self.checkpoint_every, self.keep_checkpoints, self.log_every, self.val_every) < 1:
+            raise ValueError("run.checkpoint_every, run.keep_checkpoints, run.log_every and run.val_every must be at least 1")
         if self.recompute_slices < 0:
             raise ValueError(f"recompute_slices must be >= 0, not {self.recompute_slices}")
 

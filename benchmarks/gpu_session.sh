@@ -78,8 +78,8 @@ train() {
     "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml run.device=$DEVICE run.threads=0 \
         run.out_dir=runs/gpu_stage data.train=.gpu_data/train data.val=.gpu_data/val run.val_crop=null \
         data.batch_size="$batch" data.workers=12 run.init_weights=CycleINRLib/weights/cycleinr_ct.safetensors \
-        optim.seed=11 optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$((steps / 4)) \
-        run.val_every=$((steps / 4)) run.checkpoint_every=$((steps / 8)) run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 > "$OUT/train.log"
+        optim.seed=11 optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$(((steps + 3) / 4)) \
+        run.val_every=$(((steps + 3) / 4)) run.checkpoint_every=$(((steps + 7) / 8)) run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 > "$OUT/train.log"
     "$PYTHON" Training/export_weights.py "$(ls runs/gpu_stage/step-*.json | tail -1)" --output "$OUT/gpu_stage.safetensors"
     "$PYTHON" benchmarks/upsample_bench.py --source .gpu_data/train/lidc-0314_chest_1.0mm.nii.gz --factors ${FACTORS:-2 2.5 5} 2>&1 | tee "$OUT/upsample_bench.md"
 }
