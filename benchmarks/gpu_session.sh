@@ -2,7 +2,7 @@
 # The GPU work of a session that is lent a GPU machine, prepared here so that its few minutes
 # of device time go to the GPU. From the repository root:
 #
-#   benchmarks/gpu_session.sh prepare   # here, once: .whl (SimpleITK and PyWavelets for the GPU
+#   benchmarks/gpu_session.sh prepare   # here, once, after make install: .whl (SimpleITK, PyWavelets for the GPU
 #                                       # image's Python 3.12) and .gpu_data (real volumes that fit)
 #   benchmarks/gpu_session.sh check     # there; carry .whl .gpu_data/check
 #   STEPS=N BATCH=B benchmarks/gpu_session.sh train   # there, the next call; carry .gpu_data/train .gpu_data/val
