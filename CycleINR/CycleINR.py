@@ -137,6 +137,7 @@ class CycleINRParameterNode:
     maxMemoryGB: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0
     keepAcquiredSlices: bool = True
     matchNoise: bool = False
+    flipEnsemble: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
 
 
@@ -344,7 +345,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
 
     def upsample(self, inputVolumeNode, factor=None, spacing=None, axis=None, device="auto", weights=None,
                  maxMemoryGB=None, keepAcquiredSlices=None, outputVolumeNode=None, progressCallback=None,
-                 matchNoise=False):
+                 matchNoise=False, flipEnsemble=False):
         """Upsample the slice axis of `inputVolumeNode`; blocks and returns the output volume node.
 
         Give `factor` (any number > 1, e.g. 2.5) or `spacing` (target slice spacing in mm).
@@ -352,11 +353,14 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         "mps" or "gpu". weights: a .safetensors file, None for the bundled weights.
         maxMemoryGB: None for the engine's default. keepAcquiredSlices: None for the default (on).
         matchNoise: add synthetic noise to generated slices up to the acquired slices' noise level.
+        flipEnsemble: average with a second pass over the slice-reversed volume (twice the time,
+        +0.1 to +0.2 dB PSNR on the validation CT).
         outputVolumeNode: None creates a new node. progressCallback(fraction, message) is called
         on every progress report. Raises UpsampleFailed (message + `details`) or UpsampleCancelled.
         """
         options = UpsampleOptions(factor=factor, spacing=spacing, axis=axis, device=device, weights=weights,
-                                  maxMemoryGB=maxMemoryGB, keepAcquiredSlices=keepAcquiredSlices, matchNoise=matchNoise)
+                                  maxMemoryGB=maxMemoryGB, keepAcquiredSlices=keepAcquiredSlices, matchNoise=matchNoise,
+                                  flipEnsemble=flipEnsemble)
         return self._prepareJob(inputVolumeNode, options, outputVolumeNode).wait(progressCallback)
 
     def startUpsample(self, inputVolumeNode, options: UpsampleOptions, outputVolumeNode=None) -> UpsampleJob:
@@ -389,7 +393,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
             spacing=None if byFactor else parameters.targetSpacing,
             axis=parameters.sliceAxis.index, device=parameters.device.value, weights=weights,
             maxMemoryGB=parameters.maxMemoryGB or None, keepAcquiredSlices=parameters.keepAcquiredSlices,
-            matchNoise=parameters.matchNoise)
+            matchNoise=parameters.matchNoise, flipEnsemble=parameters.flipEnsemble)
 
     @staticmethod
     def describeOutput(volumeNode, options: UpsampleOptions) -> str:

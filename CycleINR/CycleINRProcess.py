@@ -51,6 +51,7 @@ class UpsampleOptions:
     maxMemoryGB: Optional[float] = None
     keepAcquiredSlices: Optional[bool] = None  # None = the engine's default
     matchNoise: bool = False  # synthetic noise in generated slices up to the acquired slices' level
+    flipEnsemble: bool = False  # average with a pass over the slice-reversed volume (twice the time)
 
     def arguments(self) -> list:
         if (self.factor is None) == (self.spacing is None):
@@ -66,6 +67,8 @@ class UpsampleOptions:
             arguments.append("--keep-acquired-slices" if self.keepAcquiredSlices else "--no-keep-acquired-slices")
         if self.matchNoise:
             arguments.append("--match-noise")
+        if self.flipEnsemble:
+            arguments.append("--flip-ensemble")
         return arguments
 
 

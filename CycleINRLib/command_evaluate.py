@@ -54,6 +54,9 @@ def register(commands) -> None:
                         "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
     parser.add_argument("--weights", help="weights file for cycleinr (.safetensors); default: the bundled CT weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="for cycleinr")
+    parser.add_argument("--flip-ensemble", action="store_true",
+                        help="cycleinr methods average two passes, the second over the slice-reversed input "
+                             "(as `cycleinr upsample --flip-ensemble`; twice the time)")
     parser.add_argument("--json-progress", action="store_true",
                         help="one JSON object per line on stdout (progress, warnings, errors, summary)")
     parser.add_argument("--overwrite", action="store_true",
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     paths = _truth_paths(args.truth)
     output_dir = _check_output_dir(Path(args.output_dir), args.overwrite)
     lpips, lpips_reason = lpips_availability()
-    methods = make_methods(args.methods, args.weights, args.device)
+    methods = make_methods(args.methods, args.weights, args.device, args.flip_ensemble)
     total = len(paths) * len(args.degradation) * len(cases) * len(methods)
     done = []
 

@@ -36,6 +36,9 @@ def register(commands) -> None:
     parser.add_argument("--match-noise", action="store_true",
                         help="add synthetic noise to generated slices up to the acquired slices' noise level, "
                              "so that the volume does not flicker from slice to slice (default: off)")
+    parser.add_argument("--flip-ensemble", action="store_true",
+                        help="average with a second pass over the slice-reversed volume: closer to the truth "
+                             "(+0.1 to +0.2 dB PSNR on the validation CT) for twice the time (default: off)")
     parser.add_argument("--max-memory", type=float, default=engine.DEFAULT_MAX_MEMORY_GB, metavar="GB",
                         help=f"memory budget in GB for arrays and tiles (default {engine.DEFAULT_MAX_MEMORY_GB:g})")
     parser.add_argument("--json-progress", action="store_true",
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     factor = args.factor if args.factor is not None else geometry.factor_for_spacing(volume.spacing[axis], args.spacing)
     factor = geometry.check_factor(factor)
     slices_first = (volume.size[axis],) + tuple(n for a, n in enumerate(volume.size) if a != axis)
-    engine.check_memory_budget(slices_first, factor, volume.array.dtype, args.max_memory)
+    engine.check_memory_budget(slices_first, factor, volume.array.dtype, args.max_memory, args.flip_ensemble)
     if not weights.trained:
         reporter.warning(f"using {weights.label}: the result is not a trained super-resolution")
     if weights.config.normalization.kind == "window" and volume.array.min() > CT_AIR_CEILING_HU:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     result = engine.upsample_volume(
         volume, model, factor=factor, axis=axis, device=device,
         keep_acquired_slices=args.keep_acquired_slices, max_memory_gb=args.max_memory, progress=reporter.progress,
-        match_noise=args.match_noise,
+        match_noise=args.match_noise, flip_ensemble=args.flip_ensemble,
     )
     reporter.set_stage("write")
     reporter.progress(1.0, f"writing {output.name}")
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         "size": list(result.size), "spacing": list(result.spacing),
         "origin": list(result.origin), "direction": list(result.direction),
         "axis": axis, "factor": factor, "device": str(device), "weights": str(weights.path),
-        "trained": weights.trained, "match_noise": args.match_noise, "seconds": round(seconds, 2),
+        "trained": weights.trained, "match_noise": args.match_noise,
+        "flip_ensemble": args.flip_ensemble, "seconds": round(seconds, 2),
     }
     reporter.done(summary, _summary_text(summary))
     return 0

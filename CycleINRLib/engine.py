@@ -141,21 +141,24 @@ def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, work
     return TilePlan(tuple(core), halo, chunk, workspace_bytes)
 
 
-def array_bytes(input_shape: tuple[int, int, int], output_slices: int, dtype: np.dtype) -> int:
+def array_bytes(input_shape: tuple[int, int, int], output_slices: int, dtype: np.dtype, flip_ensemble: bool = False) -> int:
     """Host memory of the arrays that exist whatever the tiling: the input and its float32
-    copy, the float32 accumulator and the result in the input's pixel type."""
+    copy, the float32 accumulator (two with the flip ensemble) and the result in the input's
+    pixel type."""
     itemsize = np.dtype(dtype).itemsize
     output_voxels = output_slices * input_shape[1] * input_shape[2]
-    return (4 + itemsize) * math.prod(input_shape) + (4 + itemsize) * output_voxels
+    accumulators = 2 if flip_ensemble else 1
+    return (4 + itemsize) * math.prod(input_shape) + (4 * accumulators + itemsize) * output_voxels
 
 
-def check_memory_budget(shape: tuple[int, int, int], factor: float, dtype: np.dtype, max_memory_gb: float) -> int:
+def check_memory_budget(shape: tuple[int, int, int], factor: float, dtype: np.dtype, max_memory_gb: float,
+                        flip_ensemble: bool = False) -> int:
     """Refuse a budget that cannot hold the arrays; return the bytes left for tiles.
 
     `shape` puts the slice axis first.
     """
     output_slices = geometry.output_slice_count(shape[0], factor)
-    fixed = array_bytes(shape, output_slices, dtype) + RUNTIME_BYTES
+    fixed = array_bytes(shape, output_slices, dtype, flip_ensemble) + RUNTIME_BYTES
     budget = int(max_memory_gb * 2**30)
     if fixed >= budget:
         raise InputError(
@@ -176,27 +179,36 @@ def upsample_array(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     match_noise: bool = False,
+    flip_ensemble: bool = False,
 ) -> np.ndarray:
     """Upsample numpy `axis` of `array` by `factor`; same dtype, output grid of geometry.py.
 
     `match_noise` adds synthetic noise to the generated slices up to the acquired slices'
-    noise level (noise_matching.py; off by default). Raises InputError when the budget cannot
-    hold the arrays, UpsampleCancelled when `should_cancel()` turns true (checked before every
-    tile and decode chunk).
+    noise level (noise_matching.py; off by default). `flip_ensemble` averages the prediction
+    with that of a second pass over the slice-reversed volume (twice the time; see
+    README). Raises InputError when the budget cannot hold the arrays, UpsampleCancelled
+    when `should_cancel()` turns true (checked before every tile and decode chunk).
     """
     factor = geometry.check_factor(factor)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     slices_first = np.moveaxis(array, axis, 0)
     shape = slices_first.shape
     positions = geometry.output_positions(shape[0], factor)
-    workspace = check_memory_budget(shape, factor, array.dtype, max_memory_gb)
+    workspace = check_memory_budget(shape, factor, array.dtype, max_memory_gb, flip_ensemble)
     plan = plan_tiles(shape, factor, model, _device_workspace(device, workspace))
 
     low, high = model.config.normalization.bounds(slices_first)
     normalized = slices_first.astype(np.float32)  # in place from here: no volume-sized temporaries
     normalized -= low
     normalized /= high - low
-    result = _run_tiles(normalized, positions, model, plan, device, progress, should_cancel)
+    if flip_ensemble:
+        result = _run_tiles(normalized, positions, model, plan, device, _pass_progress(progress, 0), should_cancel)
+        # The reversed volume's slice i is slice D-1-i: it is sampled at D-1-j/r, the same places.
+        result += _run_tiles(normalized[::-1], (shape[0] - 1) - positions, model, plan, device,
+                             _pass_progress(progress, 1), should_cancel)
+        result *= 0.5
+    else:
+        result = _run_tiles(normalized, positions, model, plan, device, progress, should_cancel)
     del normalized
     result *= high - low
     result += low
@@ -206,6 +218,13 @@ def upsample_array(
     if match_noise:
         noise_matching.add_missing_noise(result, slices_first, factor)
     return np.moveaxis(to_pixel_type(result, array.dtype), 0, axis)
+
+
+def _pass_progress(progress: ProgressCallback | None, index: int) -> ProgressCallback | None:
+    """Progress of one of the flip ensemble's two passes as a share of the whole."""
+    if progress is None:
+        return None
+    return lambda fraction, text: progress((index + fraction) / 2, f"pass {index + 1}/2, {text}")
 
 
 def _device_workspace(device: torch.device, host_workspace: int) -> int:
@@ -289,7 +308,7 @@ def upsample_volume(
     """Upsample a Volume along ITK axis `axis` (auto: the coarsest) by a factor or to a spacing.
 
     `options` are those of upsample_array (device, keep_acquired_slices, max_memory_gb,
-    progress, should_cancel, match_noise). Origin and direction are kept; see geometry.py.
+    progress, should_cancel, match_noise, flip_ensemble). Origin and direction are kept; see geometry.py.
     """
     if (factor is None) == (target_spacing is None):
         raise InputError("give exactly one of a factor or a target slice spacing")

@@ -73,21 +73,34 @@ def test_target_spacing_and_terminal_summary(ct_crop, tmp_path):
     assert sitk.ReadImage(str(output)).GetSpacing()[2] == pytest.approx(2.0)
 
 
+def _upsample_with_and_without(option, ct_crop, tmp_path):
+    """(array, JSON summary) of `cycleinr upsample --factor 2.5` with `option`, then without it."""
+    runs = []
+    for options in ([option], []):
+        output = tmp_path / f"{'with' if options else 'without'}.nrrd"
+        result = cycleinr("upsample", ct_crop, output, "--factor", "2.5", "--json-progress", *options)
+        assert result.returncode == 0, result.stderr
+        runs.append((sitk.GetArrayFromImage(sitk.ReadImage(str(output))), json.loads(result.stdout.splitlines()[-1])))
+    return runs
+
+
 def test_match_noise_adds_noise_to_generated_slices_only(ct_crop, tmp_path):
     from CycleINRLib.metrics import noise_profile
 
-    arrays, summaries = {}, {}
-    for option in ("--match-noise", None):
-        output = tmp_path / f"{option}.nrrd"
-        result = cycleinr("upsample", ct_crop, output, "--factor", "2.5", "--json-progress", *([option] if option else []))
-        assert result.returncode == 0, result.stderr
-        summaries[option] = json.loads(result.stdout.splitlines()[-1])
-        arrays[option] = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
-    assert summaries["--match-noise"]["match_noise"] is True and summaries[None]["match_noise"] is False
-    matched, plain = arrays["--match-noise"], arrays[None]
+    (matched, with_option), (plain, without) = _upsample_with_and_without("--match-noise", ct_crop, tmp_path)
+    assert with_option["match_noise"] is True and without["match_noise"] is False
     assert np.array_equal(matched[::5], plain[::5])  # acquired slices, verbatim in both
     assert all(not np.array_equal(matched[j], plain[j]) for j in range(matched.shape[0]) if j % 5)
     assert noise_profile(matched).snli < 0.7 * noise_profile(plain).snli
+
+
+def test_flip_ensemble_changes_generated_slices_only(ct_crop, tmp_path):
+    (ensemble, with_option), (plain, without) = _upsample_with_and_without("--flip-ensemble", ct_crop, tmp_path)
+    assert with_option["flip_ensemble"] is True and without["flip_ensemble"] is False
+    assert np.array_equal(ensemble[::5], plain[::5])  # acquired slices, verbatim in both
+    difference = np.abs(ensemble.astype(np.int32) - plain)
+    assert all(difference[j].max() > 0 for j in range(ensemble.shape[0]) if j % 5)
+    assert np.median(difference[[j for j in range(ensemble.shape[0]) if j % 5]]) < 10  # HU: a correction, not another image
 
 
 def test_untrained_weights_are_announced(ct_crop, tmp_path):

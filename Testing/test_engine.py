@@ -75,10 +75,38 @@ def test_cancel_stops_within_a_tile_and_returns_nothing(model):
     assert len(reports) == 1
 
 
-def test_progress_rises_to_one(model):
-    reports = []
-    engine.upsample_array(_ct_like((6, 16, 16)), 3.0, model, progress=lambda f, m: reports.append(f))
+@pytest.mark.parametrize("flip_ensemble", [False, True])
+def test_progress_rises_to_one(model, flip_ensemble):
+    reports, messages = [], []
+    engine.upsample_array(_ct_like((6, 16, 16)), 3.0, model, flip_ensemble=flip_ensemble,
+                          progress=lambda f, m: (reports.append(f), messages.append(m)))
     assert reports == sorted(reports) and reports[-1] == pytest.approx(1.0)
+    if flip_ensemble:  # the first pass ends half-way
+        assert pytest.approx(0.5) in reports and messages[-1].startswith("pass 2/2")
+
+
+def test_flip_ensemble_averages_the_pass_over_the_reversed_volume():
+    """At a fractional factor, across slice-axis tiles: the mean of the model's prediction at
+    j / r and its prediction on the reversed volume at D - 1 - j / r."""
+    torch.manual_seed(3)
+    net = CycleINR(NAMED_CONFIGS["light"]).eval()
+    torch.nn.init.normal_(net.decoder.output.weight, std=0.05)
+    volume = _ct_like((40, 12, 12)).astype(np.float32)
+    factor = 2.5
+    positions = torch.as_tensor(engine.geometry.output_positions(volume.shape[0], factor), dtype=torch.float32)
+    low, high = net.config.normalization.bounds(volume)
+    normalized = torch.from_numpy((volume - low) / (high - low))[None, None]
+    with torch.inference_mode():
+        forward = net(normalized, positions)[0, 0]
+        backward = net(normalized.flip(2), (volume.shape[0] - 1) - positions)[0, 0]
+    expected = ((forward + backward) / 2).numpy() * (high - low) + low
+
+    budget = _budget_for(volume.shape, factor, _workspace_forcing_tiles(volume.shape, factor, net, (0,)))
+    ensemble = engine.upsample_array(volume, factor, net, keep_acquired_slices=False, flip_ensemble=True,
+                                     max_memory_gb=budget + 4 * expected.size / 2**30)
+    single = engine.upsample_array(volume, factor, net, keep_acquired_slices=False, max_memory_gb=budget)
+    assert np.abs(ensemble - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(single - ensemble).max() > 100 * np.abs(ensemble - expected).max()
 
 
 def test_output_keeps_pixel_type_and_acquired_slices(model):

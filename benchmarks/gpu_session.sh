@@ -81,7 +81,7 @@ train() {
         optim.seed=11 optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$(((steps + 3) / 4)) \
         run.val_every=$(((steps + 3) / 4)) run.checkpoint_every=$(((steps + 7) / 8)) run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 > "$OUT/train.log"
     "$PYTHON" Training/export_weights.py "$(ls runs/gpu_stage/step-*.json | tail -1)" --output "$OUT/gpu_stage.safetensors"
-    "$PYTHON" benchmarks/upsample_bench.py --source .gpu_data/train/lidc-0314_chest_1.0mm.nii.gz --factors ${FACTORS:-2 2.5 5} 2>&1 | tee "$OUT/upsample_bench.md"
+    "$PYTHON" benchmarks/upsample_bench.py --source .gpu_data/train/lidc-0314_chest_1.0mm.nii.gz --factors ${FACTORS:-2 2.5 5} --devices $DEVICE --flip-ensemble 2>&1 | tee "$OUT/upsample_bench.md"
 }
 
 case "${1:-}" in

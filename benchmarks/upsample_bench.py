@@ -6,6 +6,7 @@ Prints a Markdown table for README:
 
     .venv/bin/python benchmarks/upsample_bench.py                       # 256x256 crop, r = 2, 2.5, 5
     .venv/bin/python benchmarks/upsample_bench.py --size 512 --slices 80 --factors 5   # the large case
+    .venv/bin/python benchmarks/upsample_bench.py --factors 2.5 --flip-ensemble          # adds its rows
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> int:
     parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 2.5, 5.0])
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--max-memory", type=float, default=6.0)
+    parser.add_argument("--flip-ensemble", action="store_true", help="also time CycleINR with --flip-ensemble")
     parser.add_argument("--source", type=Path, default=SOURCE,
                         help="the 1 mm chest CT (default: LIDC-IDRI-0314 in ../shared/data; a central crop of it where that is absent)")
     args = parser.parse_args()
@@ -64,9 +66,11 @@ def main() -> int:
         output = Path(folder) / "out.nrrd"
         for factor in args.factors:
             runs = [("SimpleITK B-spline", "cpu", [sys.executable, "-c", BSPLINE_SCRIPT, str(source), str(output), str(factor)])]
-            runs += [("CycleINR", device, [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(source), str(output),
-                                           "--factor", str(factor), "--device", device, "--overwrite",
-                                           "--max-memory", str(args.max_memory)]) for device in args.devices]
+            variants = [("CycleINR", [])] + [("CycleINR --flip-ensemble", ["--flip-ensemble"])] * args.flip_ensemble
+            runs += [(method, device, [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(source), str(output),
+                                       "--factor", str(factor), "--device", device, "--overwrite",
+                                       "--max-memory", str(args.max_memory), *options])
+                     for device in args.devices for method, options in variants]
             for method, device, command in runs:
                 # A fresh interpreter per measurement, so each peak is that run's alone.
                 probe = [sys.executable, "-c", _PROBE, json.dumps(command)]
