@@ -11,7 +11,7 @@
 # upsampling), the training-step benchmarks on the GPU, whose s/step sizes STEPS for train, and
 # whether the paper config fits one batch (fit_one_batch.py).
 # train: a stage of ct_cpu.yaml on the GPU from the shipped weights (batch B, Adam 1e-4 halved
-# every STEPS/4), its weights and log back under $OUT, then `cycleinr upsample` timed on CPU and GPU.
+# every STEPS/4), its weights and log back under $OUT, then `cycleinr upsample` timed on the GPU, with and without --flip-ensemble.
 # A call carries at most 64 MiB: the wheels (57 MB) and the training volumes (51 MB) travel in
 # separate calls; the installed wheels (.site) and the test volume stay on the warm machine,
 # which is given back 30 s after a call, so issue train at once.
