@@ -4,14 +4,18 @@
 #
 #   benchmarks/gpu_session.sh prepare   # here, once, after make install: .whl (SimpleITK, PyWavelets for the GPU
 #                                       # image's Python 3.12) and .gpu_data (real volumes that fit)
-#   benchmarks/gpu_session.sh check     # there; carry .whl .gpu_data/check
-#   STEPS=N BATCH=B benchmarks/gpu_session.sh train   # there, the next call; carry .gpu_data/train .gpu_data/val
+#   benchmarks/gpu_session.sh check     # there (about 3 min); carry .whl .gpu_data/check
+#   TRAIN_SECONDS=S benchmarks/gpu_session.sh train   # there, the next call; carry .gpu_data/train .gpu_data/val
 #
 # check: the CUDA tests (bfloat16 autocast, recomputation, NCCL through torchrun, CUDA
-# upsampling), the training-step benchmarks on the GPU, whose s/step sizes STEPS for train, and
-# whether the paper config fits one batch (fit_one_batch.py).
-# train: a stage of ct_cpu.yaml on the GPU from the shipped weights (batch B, Adam 1e-4 halved
-# every STEPS/4), its weights and log back under $OUT, then `cycleinr upsample` timed on the GPU, with and without --flip-ensemble.
+# upsampling) and the training-step benchmarks on the GPU; the s/step at batch BATCH (128)
+# stays on the machine and sizes train. FIT_ONE_BATCH=1 adds whether the paper config leaves
+# the linear start (fit_one_batch.py, about a minute more).
+# train: a stage of ct_cpu.yaml on the GPU from the shipped weights (batch BATCH, Adam 1e-4
+# halved every quarter), as many steps as fit in S seconds (default 300; stopped a minute
+# after that whatever happens), its weights and log back under $OUT, then `cycleinr upsample` timed on
+# the GPU, with and without --flip-ensemble. A session has 15 minutes of device time, the
+# machine's start included: check then train with S = 300 leaves a few minutes to spare.
 # A call carries at most 64 MiB: the wheels (57 MB) and the training volumes (51 MB) travel in
 # separate calls; the installed wheels (.site) and the test volume stay on the warm machine,
 # which is given back 30 s after a call, so issue train at once.
@@ -20,6 +24,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_session}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the plumbing without a GPU
 PYTHON=${PYTHON:-python3}  # the GPU image's, which holds PyTorch
+BATCH=${BATCH:-128}
 mkdir -p "$OUT"
 SHARED=../shared/data/ct
 
@@ -57,31 +62,44 @@ use_site() {
 check() {
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
     use_site
-    "$PYTHON" -m pytest -q -rs -p no:cacheprovider Testing/test_model.py Testing/test_engine.py Testing/test_training.py \
+    timeout 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider Testing/test_model.py Testing/test_engine.py Testing/test_training.py \
         -k "cuda or bfloat16" 2>&1 | tee "$OUT/tests.log" || echo "CUDA tests FAILED (tests.log); the benchmarks follow"
-    for batch in 4 32 128; do
-        "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct_cpu.yaml --steps 30 run.device=$DEVICE \
+    for batch in 32 "$BATCH" 512; do
+        timeout 90 "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct_cpu.yaml --steps 30 run.device=$DEVICE \
             data.batch_size=$batch data.train=.gpu_data/check/data/ct/train data.workers=0
     done 2>&1 | tee "$OUT/train_step_bench.md"
+    # The mean s/step at batch BATCH, for train: the fourth column of its table row.
+    grep -F "data.batch_size=$BATCH " "$OUT/train_step_bench.md" | awk -F'|' '{gsub(/ /, "", $5); print $5}' > .site/step_seconds
     for recompute in 0 4; do
-        "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 5 run.device=$DEVICE \
+        timeout 90 "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 5 run.device=$DEVICE \
             data.train=.gpu_data/check/data/ct/train data.workers=0 run.recompute_slices=$recompute
     done 2>&1 | tee -a "$OUT/train_step_bench.md"
-    # Does the paper's setup (L1, the full HU window, ReLU) leave the linear start? (README, Training)
-    "$PYTHON" Training/fit_one_batch.py --config Training/configs/ct.yaml --steps 100 run.device=$DEVICE \
-        data.train=.gpu_data/check/data/ct/train 2>&1 | tee "$OUT/fit_one_batch_paper.log"
+    if [ "${FIT_ONE_BATCH:-0}" = 1 ]; then  # Does the paper's setup (L1, full HU window, ReLU) leave the linear start?
+        "$PYTHON" Training/fit_one_batch.py --config Training/configs/ct.yaml --steps 100 run.device=$DEVICE \
+            data.train=.gpu_data/check/data/ct/train 2>&1 | tee "$OUT/fit_one_batch_paper.log"
+    fi
 }
 
 train() {
     use_site
-    local steps=${STEPS:?set STEPS from check s/step} batch=${BATCH:-32}
-    "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml run.device=$DEVICE run.threads=0 \
-        run.out_dir=runs/gpu_stage data.train=.gpu_data/train data.val=.gpu_data/val run.val_crop=null \
-        data.batch_size="$batch" data.workers=12 run.init_weights=CycleINRLib/weights/cycleinr_ct.safetensors \
-        optim.seed=11 optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$(((steps + 3) / 4)) \
-        run.val_every=$(((steps + 3) / 4)) run.checkpoint_every=$(((steps + 7) / 8)) run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 > "$OUT/train.log"
-    "$PYTHON" Training/export_weights.py "$(ls runs/gpu_stage/step-*.json | tail -1)" --output "$OUT/gpu_stage.safetensors"
-    "$PYTHON" benchmarks/upsample_bench.py --source .gpu_data/train/lidc-0314_chest_1.0mm.nii.gz --factors ${FACTORS:-2 2.5 5} --devices $DEVICE --flip-ensemble 2>&1 | tee "$OUT/upsample_bench.md"
+    # Steps from check's s/step; the loader, validation and checkpoints add about a quarter.
+    local seconds=${TRAIN_SECONDS:-300} step_seconds steps
+    step_seconds=$(cat .site/step_seconds 2>/dev/null || true)
+    step_seconds=${step_seconds:-0.1}  # check did not measure it: a guess on the slow side
+    steps=$("$PYTHON" -c "print(max(8, int($seconds / ($step_seconds * 1.25)) // 8 * 8))")
+    echo "training $steps steps at batch $BATCH ($step_seconds s/step in check)" | tee "$OUT/train.log"
+    timeout --signal=INT $((seconds + 60)) "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml \
+        run.device=$DEVICE run.threads=0 run.out_dir=runs/gpu_stage data.train=.gpu_data/train data.val=.gpu_data/val \
+        run.val_crop=null data.batch_size="$BATCH" data.workers=12 run.init_weights=CycleINRLib/weights/cycleinr_ct.safetensors \
+        optim.seed=11 optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$((steps / 4)) run.val_every=$steps \
+        run.checkpoint_every=$((steps / 8)) run.keep_checkpoints=2 run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 >> "$OUT/train.log" \
+        || echo "training stopped early (time limit or error): exporting its last checkpoint" | tee -a "$OUT/train.log"
+    local last
+    last=$(ls runs/gpu_stage/step-*.json | sort -V | tail -1)
+    cp "$last" "$OUT/gpu_stage_last_step.json"
+    "$PYTHON" Training/export_weights.py "$last" --output "$OUT/gpu_stage.safetensors"
+    timeout 60 "$PYTHON" benchmarks/upsample_bench.py --source .gpu_data/train/lidc-0314_chest_1.0mm.nii.gz \
+        --factors ${FACTORS:-2 2.5 5} --devices $DEVICE --flip-ensemble 2>&1 | tee "$OUT/upsample_bench.md"
 }
 
 case "${1:-}" in

@@ -9,6 +9,7 @@ Markdown table row for README:
     .venv/bin/python benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 20 run.device=cuda
     .venv/bin/python benchmarks/train_step_bench.py --config Training/configs/ct.yaml --warm-up 0 --steps 1 \
         run.device=cpu data.workers=0 data.scale_min=6 data.scale_max=6 run.recompute_slices=4   # memory at r = 6
+    .venv/bin/python benchmarks/train_step_bench.py --steps 5 --profile 25   # and where a step's time goes
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,6 +40,8 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "Training" / "configs" / "ct_cpu.yaml"))
     parser.add_argument("--steps", type=int, default=40, help="timed steps after the warm-up")
     parser.add_argument("--warm-up", type=int, default=3, help="steps run first and not timed")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="then profile --steps more steps (torch.profiler) and print the ROWS operators that took longest")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for Training/train.py")
     args = parser.parse_intermixed_args()
     if args.steps < 1 or args.warm_up < 0:
@@ -75,6 +79,15 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     print(f"| {Path(args.config).name} {' '.join(args.overrides)} | {where} | {len(timed)} | {statistics.mean(timed):.3f} | "
           f"{statistics.median(timed):.3f} | {config.data.batch_size / statistics.mean(timed):.1f} | {peak_gb:.2f} |")
+    if args.profile:  # after the timed steps, so that the profiler's overhead stays out of them
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            for index in range(args.warm_up + args.steps, args.warm_up + 2 * args.steps):
+                train_step(objective, model, optimizer, batches[(0, index)], config.optim, device, amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.profile))
     return 0
 
 
