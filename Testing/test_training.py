@@ -142,8 +142,10 @@ def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path, de
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_fit_one_batch_gets_past_linear_interpolation_with_the_shipped_losses(crops, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_one_batch_gets_past_linear_interpolation_with_the_shipped_losses(crops, tmp_path, device):
     config = small_config(crops, tmp_path / "unused", lr=1e-3, pixel_loss="l2")
+    config.run.device = device  # it trains where a run of the config would
     reports = fit_one_batch(config, scale=2.0, steps=40, report_every=20)
     assert [r["step"] for r in reports] == [20, 40]
     assert reports[-1]["gain_over_linear_db"] > 0.1 and reports[-1]["loss"] < reports[0]["loss"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from CycleINRLib import geometry
+from CycleINRLib.engine import resolve_device
 from CycleINRLib.models import CycleINR
 from CycleINRLib.models.latent_sampling import SlicePositions
 from Training import data, losses
@@ -31,9 +32,10 @@ from Training.config import TrainConfig, load_config
 
 
 def fit_one_batch(config: TrainConfig, scale: float, steps: int, report_every: int = 25) -> list[dict]:
-    """Train on one fixed batch; the gain over linear after every `report_every` steps."""
+    """Train on one fixed batch, on `run.device`; the gain over linear after every `report_every` steps."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    device = resolve_device(config.run.device)
     torch.manual_seed(config.optim.seed)
     model_config = config.model_config()
     pinned = dataclasses.replace(config.data, scale_min=scale, scale_max=scale, degradations={"interval": 1.0})
@@ -45,8 +47,9 @@ def fit_one_batch(config: TrainConfig, scale: float, steps: int, report_every: i
     generated_slices[[out for out, _ in geometry.acquired_slice_matches(low.shape[2], scale)]] = False
     linear = SlicePositions.locate(positions, low.shape[2]).lerp(low, dim=2)
     linear_error = ((linear - high)[:, :, generated_slices] ** 2).mean().item()
+    low, high, generated_slices = low.to(device), high.to(device), generated_slices.to(device)
 
-    model = CycleINR(model_config)
+    model = CycleINR(model_config).to(device)
     objective = losses.CycleObjective(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     reports = []

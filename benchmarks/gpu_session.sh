@@ -4,18 +4,19 @@
 #
 #   benchmarks/gpu_session.sh prepare   # here, once, after make install: .whl (SimpleITK, PyWavelets for the GPU
 #                                       # image's Python 3.12) and .gpu_data (real volumes that fit)
-#   benchmarks/gpu_session.sh check     # there (about 3 min); carry .whl .gpu_data/check
+#   benchmarks/gpu_session.sh check     # there (about 2 min); carry .whl .gpu_data/check
 #   TRAIN_SECONDS=S benchmarks/gpu_session.sh train   # there, the next call; carry .gpu_data/train .gpu_data/val
 #
 # check: the CUDA tests (bfloat16 autocast, recomputation, NCCL through torchrun, CUDA
 # upsampling) and the training-step benchmarks on the GPU; the s/step at batch BATCH (128)
 # stays on the machine and sizes train. FIT_ONE_BATCH=1 adds whether the paper config leaves
-# the linear start (fit_one_batch.py, about a minute more).
-# train: a stage of ct_cpu.yaml on the GPU from the shipped weights (batch BATCH, Adam 1e-4
-# halved every quarter), as many steps as fit in S seconds (default 300; stopped a minute
-# after that whatever happens), its weights and log back under $OUT, then `cycleinr upsample` timed on
-# the GPU, with and without --flip-ensemble. A session has 15 minutes of device time, the
-# machine's start included: check then train with S = 300 leaves a few minutes to spare.
+# the linear start (fit_one_batch.py, 100 steps in float32; not yet timed on a GPU).
+# train: a stage of ct_cpu.yaml on the GPU from the shipped weights (or from INIT_WEIGHTS, a
+# file that travels: name it in carry), batch BATCH, Adam 1e-4 halved every quarter, as many
+# steps as fit in S seconds (default 300; stopped a minute after that whatever happens); its
+# weights and log come back under $OUT, then `cycleinr upsample` is timed on the GPU, with and
+# without --flip-ensemble. A session has 15 minutes of device time, the machine's start
+# included: check (about 2 min) then train with S = 420 used 9 of them (2026-11-26).
 # A call carries at most 64 MiB: the wheels (57 MB) and the training volumes (51 MB) travel in
 # separate calls; the installed wheels (.site) and the test volume stay on the warm machine,
 # which is given back 30 s after a call, so issue train at once.
@@ -90,7 +91,7 @@ train() {
     echo "training $steps steps at batch $BATCH ($step_seconds s/step in check)" | tee "$OUT/train.log"
     timeout --signal=INT $((seconds + 60)) "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml \
         run.device=$DEVICE run.threads=0 run.out_dir=runs/gpu_stage data.train=.gpu_data/train data.val=.gpu_data/val \
-        run.val_crop=null data.batch_size="$BATCH" data.workers=12 run.init_weights=CycleINRLib/weights/cycleinr_ct.safetensors \
+        run.val_crop=null data.batch_size="$BATCH" data.workers=12 run.init_weights="${INIT_WEIGHTS:-CycleINRLib/weights/cycleinr_ct.safetensors}" \
         optim.seed=11 optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$((steps / 4)) run.val_every=$steps \
         run.checkpoint_every=$((steps / 8)) run.keep_checkpoints=2 run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 >> "$OUT/train.log" \
         || echo "training stopped early (time limit or error): exporting its last checkpoint" | tee -a "$OUT/train.log"
