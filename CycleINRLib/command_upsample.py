@@ -38,7 +38,7 @@ def register(commands) -> None:
                              "so that the volume does not flicker from slice to slice (default: off)")
     parser.add_argument("--flip-ensemble", action="store_true",
                         help="average with a second pass over the slice-reversed volume: closer to the truth "
-                             "(+0.08 to +0.20 dB PSNR on the validation CT) for twice the time (default: off)")
+                             "(+0.07 to +0.18 dB PSNR on the validation CT) for twice the time (default: off)")
     parser.add_argument("--max-memory", type=float, default=engine.DEFAULT_MAX_MEMORY_GB, metavar="GB",
                         help=f"memory budget in GB for arrays and tiles (default {engine.DEFAULT_MAX_MEMORY_GB:g})")
     parser.add_argument("--json-progress", action="store_true",
