@@ -18,7 +18,8 @@ from conftest import DEVICES, NEEDS_CUDA  # noqa: E402
 def attention_by_definition(grid, where: SlicePositions) -> torch.Tensor:
     """softmax(W_Q z_hat . W_K z_i / sqrt(C)) W_V z_i over the 3x3x3 codes around the nearest
     acquired voxel that lie inside the grid, one query at a time."""
-    batch, depth, height, width, channels = grid.key.shape
+    key, value = (part[:, 1:-1, 1:-1, 1:-1] for part in (grid.padded_key, grid.padded_value))
+    batch, depth, height, width, channels = key.shape
     result = torch.zeros(batch, len(where.nearest), height, width, channels, dtype=torch.float64)
     for b in range(batch):
         for s, (below, above, weight, nearest) in enumerate(zip(where.below, where.above, where.weight, where.nearest)):
@@ -27,8 +28,8 @@ def attention_by_definition(grid, where: SlicePositions) -> torch.Tensor:
                     query = torch.lerp(grid.query[b, below, y, x], grid.query[b, above, y, x], weight).double()
                     neighbours = [(z, v, u) for z in range(nearest - 1, nearest + 2) for v in range(y - 1, y + 2)
                                   for u in range(x - 1, x + 2) if 0 <= z < depth and 0 <= v < height and 0 <= u < width]
-                    keys = torch.stack([grid.key[b, z, v, u] for z, v, u in neighbours]).double()
-                    values = torch.stack([grid.value[b, z, v, u] for z, v, u in neighbours]).double()
+                    keys = torch.stack([key[b, z, v, u] for z, v, u in neighbours]).double()
+                    values = torch.stack([value[b, z, v, u] for z, v, u in neighbours]).double()
                     weights = torch.softmax(keys @ query / math.sqrt(channels), dim=0)
                     result[b, s, y, x] = weights @ values
     return result

@@ -5,8 +5,9 @@ Only the slice axis (D of a (B, D, H, W, C) channels-last grid) is ever sampled 
 grid points: in-plane, query positions coincide with the input grid. So trilinear
 interpolation reduces to a lerp between two latent slices, and since W_Q is linear, the
 query of a position is the lerp of per-voxel queries. Queries, keys and values are computed
-once per low-resolution voxel, and the 27-neighbourhoods of keys and values are gathered
-once per low-resolution slice and shared by every output slice nearest to it.
+once per low-resolution voxel and keys and values zero-padded once per grid; the
+27-neighbourhoods of keys and values are gathered once per low-resolution slice and shared by
+every output slice nearest to it.
 """
 
 from __future__ import annotations
@@ -48,15 +49,32 @@ class SlicePositions(NamedTuple):
 
 
 class LatentGrid(NamedTuple):
-    """Per-voxel latent codes, channels last: (B, D, H, W, C)."""
+    """Per-voxel latent codes, channels last: (B, D, H, W, C).
+
+    Keys and values carry a ring of zeros, one voxel deep, around D, H and W: the
+    neighbourhoods of border voxels read it (masked out), and padding once per grid instead of
+    once per decoded chunk saves a copy of both grids per chunk.
+    """
 
     latent: torch.Tensor
     query: torch.Tensor | None  # W_Q, W_K, W_V applied per voxel (None without attention)
-    key: torch.Tensor | None
-    value: torch.Tensor | None
+    padded_key: torch.Tensor | None  # (B, D+2, H+2, W+2, C)
+    padded_value: torch.Tensor | None
 
     def crop(self, rows: slice, columns: slice) -> "LatentGrid":
-        return LatentGrid(*(part[:, :, rows, columns] if part is not None else None for part in self))
+        """The grid of the in-plane crop, contiguous, its keys and values padded anew."""
+        latent, query = (part[:, :, rows, columns].contiguous() if part is not None else None for part in self[:2])
+        if query is None:
+            return LatentGrid(latent, None, None, None)
+        return LatentGrid(latent, query, *(_pad(_interior(part)[:, :, rows, columns]) for part in self[2:]))
+
+
+def _pad(part: torch.Tensor) -> torch.Tensor:
+    return F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1))
+
+
+def _interior(part: torch.Tensor) -> torch.Tensor:
+    return part[:, 1:-1, 1:-1, 1:-1]
 
 
 class LatentSampler(nn.Module):
@@ -72,27 +90,29 @@ class LatentSampler(nn.Module):
 
     def prepare(self, latent: torch.Tensor) -> LatentGrid:
         """(B, C, D, H, W) encoder output -> channels-last grid with queries, keys, values."""
-        latent = latent.permute(0, 2, 3, 4, 1)
+        # Contiguous once here: index_select along D would otherwise copy the whole grid for
+        # every decoded chunk.
+        latent = latent.permute(0, 2, 3, 4, 1).contiguous()
         if not self.attention:
             return LatentGrid(latent, None, None, None)
         query, key, value = self.qkv(latent).chunk(3, dim=-1)
-        return LatentGrid(latent, query, key, value)
+        return LatentGrid(latent, query.contiguous(), _pad(key), _pad(value))
 
     def sample(self, grid: LatentGrid, where: SlicePositions) -> torch.Tensor:
         """Latent codes (B, S, H, W, C) at the located slice positions."""
         if not self.attention:
             return where.lerp(grid.latent, dim=1)
-        attended = self._attend(where.lerp(grid.query, dim=1), grid.key, grid.value, where.nearest)
+        attended = self._attend(where.lerp(grid.query, dim=1), grid.padded_key, grid.padded_value, where.nearest)
         return where.lerp(grid.latent, dim=1) + attended if self.residual else attended
 
-    def _attend(self, query, key, value, nearest) -> torch.Tensor:
+    def _attend(self, query, padded_key, padded_value, nearest) -> torch.Tensor:
         """Softmax over the 27 neighbours of the nearest voxel; outside the grid is masked."""
-        batch, depth, height, width, _ = key.shape
-        padded_key, padded_value = (F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1)).view(-1, part.shape[-1]) for part in (key, value))
-        valid = F.pad(key.new_ones((batch, depth, height, width, 1)), (0, 0, 1, 1, 1, 1, 1, 1)).view(-1, 1)
+        batch = query.shape[0]
+        depth, height, width = (n - 2 for n in padded_key.shape[1:4])
+        valid = _pad(padded_key.new_ones((batch, depth, height, width, 1)))
         refined = torch.empty_like(query)
-        grids = (padded_key, padded_value, valid)
-        first_slice = _neighbourhood_rows(batch, depth, height, width, key.device)
+        grids = tuple(part.view(-1, part.shape[-1]) for part in (padded_key, padded_value, valid))
+        first_slice = _neighbourhood_rows(batch, depth, height, width, query.device)
         plane_rows = (height + 2) * (width + 2)
 
         # Gathering rows by index (not unfolding windows) makes the backward pass a plain
