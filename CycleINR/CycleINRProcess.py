@@ -52,6 +52,7 @@ class UpsampleOptions:
     keepAcquiredSlices: Optional[bool] = None  # None = the engine's default
     matchNoise: bool = False  # synthetic noise in generated slices up to the acquired slices' level
     flipEnsemble: bool = False  # average with a pass over the slice-reversed volume (twice the time)
+    bf16: bool = False  # bfloat16 arithmetic: faster on CPUs with AMX and on GPUs, within a few HU
 
     def arguments(self) -> list:
         if (self.factor is None) == (self.spacing is None):
@@ -69,6 +70,8 @@ class UpsampleOptions:
             arguments.append("--match-noise")
         if self.flipEnsemble:
             arguments.append("--flip-ensemble")
+        if self.bf16:
+            arguments.append("--bf16")
         return arguments
 
 

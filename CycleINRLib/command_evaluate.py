@@ -57,6 +57,8 @@ def register(commands) -> None:
     parser.add_argument("--flip-ensemble", action="store_true",
                         help="cycleinr methods average two passes, the second over the slice-reversed input "
                              "(as `cycleinr upsample --flip-ensemble`; twice the time)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="cycleinr methods run in bfloat16 (as `cycleinr upsample --bf16`)")
     parser.add_argument("--json-progress", action="store_true",
                         help="one JSON object per line on stdout (progress, warnings, errors, summary)")
     parser.add_argument("--overwrite", action="store_true",
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     paths = _truth_paths(args.truth)
     output_dir = _check_output_dir(Path(args.output_dir), args.overwrite)
     lpips, lpips_reason = lpips_availability()
-    methods = make_methods(args.methods, args.weights, args.device, args.flip_ensemble)
+    methods = make_methods(args.methods, args.weights, args.device, args.flip_ensemble, args.bf16)
     total = len(paths) * len(args.degradation) * len(cases) * len(methods)
     done = []
 

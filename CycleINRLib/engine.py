@@ -30,6 +30,7 @@ MIN_CORE = 8  # smallest tile core (low-resolution voxels per axis) worth its co
 TILE_OVERLAP = 2  # low-resolution voxels shared by neighbouring tile cores
 GAUSSIAN_SIGMA_FRACTION = 1 / 8  # of the tile size, as in nnU-Net's sliding window
 SAMPLING_MARGIN = 2  # the lerp's upper slice and the attention's +-1 neighbour
+BF16_DEVICES = ("cpu", "cuda")  # where torch.autocast offers bfloat16 here
 
 
 ProgressCallback = Callable[[float, str], None]
@@ -180,17 +181,22 @@ def upsample_array(
     should_cancel: CancelCheck | None = None,
     match_noise: bool = False,
     flip_ensemble: bool = False,
+    bf16: bool = False,
 ) -> np.ndarray:
     """Upsample numpy `axis` of `array` by `factor`; same dtype, output grid of geometry.py.
 
     `match_noise` adds synthetic noise to the generated slices up to the acquired slices'
     noise level (noise_matching.py; off by default). `flip_ensemble` averages the prediction
     with that of a second pass over the slice-reversed volume (twice the time; see
-    README). Raises InputError when the budget cannot hold the arrays, UpsampleCancelled
-    when `should_cancel()` turns true (checked before every tile and decode chunk).
+    README). `bf16` runs the network under bfloat16 autocast: 1.6 times faster on a CPU with
+    AMX, within a few HU of float32 (README, section Speed). Raises InputError when the
+    budget cannot hold the arrays, UpsampleCancelled when `should_cancel()` turns true
+    (checked before every tile and decode chunk).
     """
     factor = geometry.check_factor(factor)
     device = device if isinstance(device, torch.device) else resolve_device(device)
+    if bf16 and device.type not in BF16_DEVICES:
+        raise InputError(f"bfloat16 runs on {' or '.join(BF16_DEVICES)}, not {device.type}")
     slices_first = np.moveaxis(array, axis, 0)
     shape = slices_first.shape
     positions = geometry.output_positions(shape[0], factor)
@@ -202,13 +208,13 @@ def upsample_array(
     normalized -= low
     normalized /= high - low
     if flip_ensemble:
-        result = _run_tiles(normalized, positions, model, plan, device, _pass_progress(progress, 0), should_cancel)
+        result = _run_tiles(normalized, positions, model, plan, device, _pass_progress(progress, 0), should_cancel, bf16)
         # The reversed volume's slice i is slice D-1-i: it is sampled at D-1-j/r, the same places.
         result += _run_tiles(normalized[::-1], (shape[0] - 1) - positions, model, plan, device,
-                             _pass_progress(progress, 1), should_cancel)
+                             _pass_progress(progress, 1), should_cancel, bf16)
         result *= 0.5
     else:
-        result = _run_tiles(normalized, positions, model, plan, device, progress, should_cancel)
+        result = _run_tiles(normalized, positions, model, plan, device, progress, should_cancel, bf16)
     del normalized
     result *= high - low
     result += low
@@ -234,7 +240,7 @@ def _device_workspace(device: torch.device, host_workspace: int) -> int:
     return host_workspace
 
 
-def _run_tiles(volume, positions, model, plan, device, progress, should_cancel) -> np.ndarray:
+def _run_tiles(volume, positions, model, plan, device, progress, should_cancel, bf16) -> np.ndarray:
     """Blend every tile's exact prediction into a float32 (M, H, W) accumulator."""
     shape = volume.shape
     depth_tiles, row_tiles, column_tiles = plan.tiles(shape)
@@ -245,7 +251,7 @@ def _run_tiles(volume, positions, model, plan, device, progress, should_cancel) 
 
     jobs = [(d, r, c) for d in range(len(depth_tiles)) for r in range(len(row_tiles)) for c in range(len(column_tiles))]
     model = model.to(device).eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for done, (d, r, c) in enumerate(jobs):
             _check_cancel(should_cancel)
             slices = np.flatnonzero(depth_weights[d])
@@ -308,7 +314,7 @@ def upsample_volume(
     """Upsample a Volume along ITK axis `axis` (auto: the coarsest) by a factor or to a spacing.
 
     `options` are those of upsample_array (device, keep_acquired_slices, max_memory_gb,
-    progress, should_cancel, match_noise, flip_ensemble). Origin and direction are kept; see geometry.py.
+    progress, should_cancel, match_noise, flip_ensemble, bf16). Origin and direction are kept; see geometry.py.
     """
     if (factor is None) == (target_spacing is None):
         raise InputError("give exactly one of a factor or a target slice spacing")

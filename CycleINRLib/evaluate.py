@@ -93,20 +93,20 @@ def parse_case(text: str) -> Case:
 
 
 def make_methods(names: Sequence[str], weights: str | None = None, device: str = "auto",
-                 flip_ensemble: bool = False) -> list[Method]:
+                 flip_ensemble: bool = False, bf16: bool = False) -> list[Method]:
     """The upsamplers to compare; `cycleinr` loads its weights once (None: the bundled ones)."""
     methods = []
     for name in names:
         if name in BASELINES:
             methods.append(Method(name, functools.partial(interpolate, method=name), METHOD_DESCRIPTIONS[name]))
         elif name in ("cycleinr", "cycleinr-noise"):
-            methods.append(_cycleinr_method(weights, device, name == "cycleinr-noise", flip_ensemble))
+            methods.append(_cycleinr_method(weights, device, name == "cycleinr-noise", flip_ensemble, bf16))
         else:
             raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return methods
 
 
-def _cycleinr_method(weights: str | None, device: str, match_noise: bool, flip_ensemble: bool) -> Method:
+def _cycleinr_method(weights: str | None, device: str, match_noise: bool, flip_ensemble: bool, bf16: bool) -> Method:
     from .checkpoint import load_model
     from .engine import resolve_device, upsample_array
 
@@ -115,9 +115,10 @@ def _cycleinr_method(weights: str | None, device: str, match_noise: bool, flip_e
 
     def upsample(array: np.ndarray, factor: float, axis: int) -> np.ndarray:
         return upsample_array(array, factor, model, axis=axis, device=device, match_noise=match_noise,
-                              flip_ensemble=flip_ensemble)
+                              flip_ensemble=flip_ensemble, bf16=bf16)
 
-    options = [flag for flag, on in (("--match-noise", match_noise), ("--flip-ensemble", flip_ensemble)) if on]
+    flags = (("--match-noise", match_noise), ("--flip-ensemble", flip_ensemble), ("--bf16", bf16))
+    options = [flag for flag, on in flags if on]
     described = "CycleINR" + (" with " + " and ".join(options) if options else "")
     return Method("cycleinr-noise" if match_noise else "cycleinr", upsample, f"{described}, weights {info.label}, {device}")
 

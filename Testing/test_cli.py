@@ -103,6 +103,16 @@ def test_flip_ensemble_changes_generated_slices_only(ct_crop, tmp_path):
     assert np.median(difference[[j for j in range(ensemble.shape[0]) if j % 5]]) < 10  # HU: a correction, not another image
 
 
+def test_bf16_stays_within_a_few_hu_of_float32(ct_crop, tmp_path):
+    (fast, with_option), (plain, without) = _upsample_with_and_without("--bf16", ct_crop, tmp_path)
+    assert with_option["bf16"] is True and without["bf16"] is False
+    assert np.array_equal(fast[::5], plain[::5])  # acquired slices, verbatim in both
+    generated = [j for j in range(fast.shape[0]) if j % 5]
+    difference = np.abs(fast[generated].astype(np.int32) - plain[generated])
+    assert difference.max() > 0  # bfloat16 did run
+    assert difference.mean() < 1.0 and np.percentile(difference, 99.9) <= 5  # HU
+
+
 def test_untrained_weights_are_announced(ct_crop, tmp_path):
     from CycleINRLib.checkpoint import load_model
 

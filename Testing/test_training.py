@@ -122,9 +122,10 @@ def test_noise_level_loss_charges_smooth_slices_and_is_differentiable():
     assert without.noise.item() == 0 and without.total.item() == pytest.approx(without.inr.item() + without.cycle.item())
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path, device):
-    config = small_config(crops, tmp_path / "run", steps=30, lr=1e-3)
+@pytest.mark.parametrize("device, cpu_amp", [("cpu", False), pytest.param("cpu", True, id="cpu-bf16"),
+                                             pytest.param("cuda", False, marks=NEEDS_CUDA)])
+def test_few_steps_lower_the_loss_and_validate_on_real_crops(crops, tmp_path, device, cpu_amp):
+    config = small_config(crops, tmp_path / "run", steps=30, lr=1e-3, cpu_amp=cpu_amp)
     config.run.device = device  # on CUDA: bfloat16 autocast, pinned memory
     config.model_overrides = {"predict_residual": False}  # starts far from the truth, unlike the residual model
     config.data.val = str(crops)
@@ -317,6 +318,14 @@ def test_shipped_configs_load(path):
         load_config(path, ["optim.stepz=3"])
     with pytest.raises(ValueError, match="pixel_loss must be one of"):
         load_config(path, ["optim.pixel_loss=l3"])
+
+
+def test_bfloat16_autocast_is_on_for_cuda_and_opt_in_for_the_cpu():
+    from Training.config import OptimConfig
+
+    assert [OptimConfig(cpu_amp=cpu_amp).autocast(device) for cpu_amp in (False, True) for device in ("cpu", "cuda")] \
+        == [False, True, True, True]
+    assert not any(OptimConfig(amp=False, cpu_amp=True).autocast(device) for device in ("cpu", "cuda", "mps"))
 
 
 def test_overrides_are_read_as_their_setting_s_type():

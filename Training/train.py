@@ -51,7 +51,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     master = rank == 0
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    amp = config.optim.amp and device.type == "cuda"
+    amp = config.optim.autocast(device.type)
     out_dir = Path(config.run.out_dir)
 
     # ---------------------------------------------------------------- data

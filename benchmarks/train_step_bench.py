@@ -60,7 +60,7 @@ def main() -> int:
     model.recompute_slices = config.run.recompute_slices
     objective = losses.CycleObjective(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
-    amp = config.optim.amp and device.type == "cuda"
+    amp = config.optim.autocast(device.type)
     seconds = []
     for index in range(args.warm_up + args.steps):
         batch = batches[(0, index)]

@@ -7,6 +7,7 @@ Prints a Markdown table for README:
     .venv/bin/python benchmarks/upsample_bench.py                       # 256x256 crop, r = 2, 2.5, 5
     .venv/bin/python benchmarks/upsample_bench.py --size 512 --slices 80 --factors 5   # the large case
     .venv/bin/python benchmarks/upsample_bench.py --factors 2.5 --flip-ensemble          # adds its rows
+    .venv/bin/python benchmarks/upsample_bench.py --bf16                                 # adds bfloat16 rows
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--max-memory", type=float, default=6.0)
     parser.add_argument("--flip-ensemble", action="store_true", help="also time CycleINR with --flip-ensemble")
+    parser.add_argument("--bf16", action="store_true", help="also time CycleINR with --bf16")
     parser.add_argument("--source", type=Path, default=SOURCE,
                         help="the 1 mm chest CT (default: LIDC-IDRI-0314 in ../shared/data; a central crop of it where that is absent)")
     args = parser.parse_args()
@@ -66,7 +68,8 @@ def main() -> int:
         output = Path(folder) / "out.nrrd"
         for factor in args.factors:
             runs = [("SimpleITK B-spline", "cpu", [sys.executable, "-c", BSPLINE_SCRIPT, str(source), str(output), str(factor)])]
-            variants = [("CycleINR", [])] + [("CycleINR --flip-ensemble", ["--flip-ensemble"])] * args.flip_ensemble
+            variants = [("CycleINR", [])] + [(f"CycleINR {flag}", [flag]) for flag, on in
+                                             (("--flip-ensemble", args.flip_ensemble), ("--bf16", args.bf16)) if on]
             runs += [(method, device, [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(source), str(output),
                                        "--factor", str(factor), "--device", device, "--overwrite",
                                        "--max-memory", str(args.max_memory), *options])
