@@ -140,6 +140,11 @@ def test_cuda_upsampling_equals_cpu_upsampling(model):
     assert np.abs(on_gpu.astype(np.int32) - on_cpu).max() <= 2  # HU: rounding, TF32 convolutions
 
 
+def test_bf16_is_refused_where_autocast_offers_no_bfloat16(model):
+    with pytest.raises(InputError, match="bfloat16 runs on cpu or cuda, not mps"):
+        engine.upsample_array(_ct_like((6, 16, 16)), 2.0, model, device=torch.device("mps"), bf16=True)
+
+
 def test_unavailable_device_is_refused():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
