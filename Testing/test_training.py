@@ -210,6 +210,31 @@ def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
     assert all(torch.equal(tensor, exported.state_dict()[name]) for name, tensor in straight.state_dict().items())
 
 
+def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
+    config = small_config(crops, tmp_path / "run", steps=3)
+    config.data.val = str(crops)
+    config.run.val_crop, config.run.val_cases, config.run.val_every = [24, 32, 32], ["2:2", "5:2.5"], 3
+    train(config)
+    checkpoint = tmp_path / "run" / "step-0000003.json"
+    logged = checkpointing.read_checkpoint(checkpoint)[0]["metrics"]["val"]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    exported = export(checkpoint, tmp_path / "exported.safetensors")
+    script = [sys.executable, str(REPOSITORY / "Training" / "score_weights.py")]
+    result = subprocess.run(script + [str(checkpoint), str(exported), "--config", str(config_file)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()[2:]]
+    assert [row[0].strip() for row in rows] == [str(checkpoint), str(exported)]
+    for row in rows:  # checkpoint and exported file score what the run logged at that step
+        assert [float(cell) for cell in row[1:3]] == pytest.approx(
+            [logged[f"{case}/gain_over_linear_db"] for case in ("2:2", "5:2.5")], abs=1e-4)
+        assert float(row[-1]) == pytest.approx(logged["mean_psnr"], abs=1e-4)
+    missing = subprocess.run(script + [str(tmp_path / "absent.safetensors"), "--config", str(config_file)],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
 def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_path):
     train(small_config(crops, tmp_path / "base", steps=3))
     start = export(tmp_path / "base" / "step-0000003.json", tmp_path / "start.safetensors")

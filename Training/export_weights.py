@@ -20,11 +20,17 @@ from Training.config import TrainConfig
 from Training.train import provenance
 
 
-def export(checkpoint: Path, output: Path) -> Path:
+def model_from_checkpoint(checkpoint: Path) -> tuple[CycleINR, TrainConfig, dict]:
+    """The model of a training checkpoint, its run's config and the checkpoint's description."""
     description, tensors = read_checkpoint(checkpoint)
     config = TrainConfig.from_dict(description["config"])
     model = CycleINR(config.model_config())
     model.load_state_dict(model_tensors(tensors))
+    return model, config, description
+
+
+def export(checkpoint: Path, output: Path) -> Path:
+    model, config, description = model_from_checkpoint(checkpoint)
     return save_model(model, output, trained=True, provenance=provenance(config, description["step"], description["metrics"]))
 
 
