@@ -10,7 +10,7 @@ from CycleINRLib import engine
 from CycleINRLib.config import NAMED_CONFIGS
 from CycleINRLib.errors import InputError, UpsampleCancelled
 from CycleINRLib.models import CycleINR
-from conftest import NEEDS_CUDA
+from conftest import DEVICES, NEEDS_CUDA
 
 
 @pytest.fixture(scope="module", params=["light", "paper"])
@@ -138,6 +138,17 @@ def test_cuda_upsampling_equals_cpu_upsampling(model):
     on_gpu = engine.upsample_array(volume, 2.5, copy.deepcopy(model), device="cuda")  # the fixture stays on the CPU
     assert on_gpu.dtype == on_cpu.dtype and on_gpu.shape == on_cpu.shape
     assert np.abs(on_gpu.astype(np.int32) - on_cpu).max() <= 2  # HU: rounding, TF32 convolutions
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_stays_within_a_few_hu_of_float32_on_the_cpu(model, device):
+    volume = _ct_like((8, 40, 36))
+    exact = engine.upsample_array(volume, 2.5, model, device="cpu")
+    fast = engine.upsample_array(volume, 2.5, copy.deepcopy(model), device=device, bf16=True)
+    assert fast.dtype == exact.dtype and fast.shape == exact.shape
+    assert np.array_equal(fast[::5], exact[::5])  # acquired slices, verbatim
+    difference = np.abs(fast.astype(np.int32) - exact)
+    assert 0 < difference.max() <= 5 and difference.mean() < 0.5  # HU: bfloat16 did run, and stays close
 
 
 def test_bf16_is_refused_where_autocast_offers_no_bfloat16(model):
