@@ -103,7 +103,7 @@ class _MemoryModel:
         config = model.config
         latent = config.latent_dim
         encoding = 4 * config.encoder_width + 5 * latent + 2  # activations, latent, its copy, Q, K, V
-        kept = 6 * latent + 2  # latent, Q, K, V, zero-padded K and V, validity mask
+        kept = 6 * latent + 2  # latent, Q, zero-padded K and V, validity mask; room for the crop's copies
         per_tile_voxel = 4 * max(encoding, kept)
         per_plane_pixel = 4 * (2 * 27 * latent + 2 * 27) + 2 * 8 * 27 if config.attention else 0
         per_query = 4 * ((7 * latent + 60 if config.attention else 3 * latent) + 2 * (latent + 1)
