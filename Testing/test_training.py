@@ -230,9 +230,11 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
         assert [float(cell) for cell in row[1:3]] == pytest.approx(
             [logged[f"{case}/gain_over_linear_db"] for case in ("2:2", "5:2.5")], abs=1e-4)
         assert float(row[-1]) == pytest.approx(logged["mean_psnr"], abs=1e-4)
-    missing = subprocess.run(script + [str(tmp_path / "absent.safetensors"), "--config", str(config_file)],
-                             capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    (tmp_path / "step-0000009.json").write_text("{}")  # its tensors never written
+    for bad in (tmp_path / "absent.safetensors", tmp_path / "step-0000009.json"):
+        refused = subprocess.run(script + [str(bad), "--config", str(config_file)], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert str(bad) in refused.stderr
 
 
 def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_path):

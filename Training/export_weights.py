@@ -13,6 +13,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from safetensors import SafetensorError
+
 from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, save_model
 from CycleINRLib.models import CycleINR
 from Training.checkpointing import model_tensors, read_checkpoint
@@ -21,11 +23,15 @@ from Training.train import provenance
 
 
 def model_from_checkpoint(checkpoint: Path) -> tuple[CycleINR, TrainConfig, dict]:
-    """The model of a training checkpoint, its run's config and the checkpoint's description."""
-    description, tensors = read_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(description["config"])
-    model = CycleINR(config.model_config())
-    model.load_state_dict(model_tensors(tensors))
+    """The model of a training checkpoint, its run's config and the checkpoint's description;
+    ValueError, naming the file, when it is not a readable checkpoint."""
+    try:
+        description, tensors = read_checkpoint(checkpoint)
+        config = TrainConfig.from_dict(description["config"])
+        model = CycleINR(config.model_config())
+        model.load_state_dict(model_tensors(tensors))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"{checkpoint}: not a readable training checkpoint ({error})") from None
     return model, config, description
 
 
@@ -39,7 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path, help="a step-NNNNNNN.json file of a training run")
     parser.add_argument("--output", type=Path, default=DEFAULT_WEIGHTS, help=f"default: {DEFAULT_WEIGHTS}")
     args = parser.parse_args(argv)
-    print(f"wrote {export(args.checkpoint, args.output)}")
+    try:
+        print(f"wrote {export(args.checkpoint, args.output)}")
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from CycleINRLib.checkpoint import load_model
 from CycleINRLib.engine import resolve_device
 from CycleINRLib.errors import InputError
 from CycleINRLib.models import CycleINR
-from Training.config import TrainConfig, load_config
+from Training.config import load_config
 from Training.data import DataSourceError
 from Training.export_weights import model_from_checkpoint
 from Training.validation import ValidationSet
@@ -37,12 +37,6 @@ def load_weights(path: Path) -> CycleINR:
     if path.suffix == ".json":
         return model_from_checkpoint(path)[0]
     return load_model(path)[0]
-
-
-def score(path: Path, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    model = load_weights(path).to(device)
-    validation = ValidationSet.load(config.data.val, config.run, model.config.normalization)
-    return validation.evaluate(model, device)[0]
 
 
 def markdown(rows: dict[str, dict[str, float]], cases: list[str]) -> str:
@@ -75,12 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     device = resolve_device(config.run.device)
-    rows = {}
+    rows, validation_sets = {}, {}  # the validation volumes are read once per normalization
     for path in weights:
         try:
-            rows[str(path)] = score(path, config, device)
-        except (OSError, ValueError, KeyError, InputError, DataSourceError) as error:
-            parser.exit(2, f"{parser.prog}: error: {path}: {error}\n")
+            model = load_weights(path).to(device)
+            normalization = model.config.normalization
+            if normalization not in validation_sets:
+                validation_sets[normalization] = ValidationSet.load(config.data.val, config.run, normalization)
+            rows[str(path)] = validation_sets[normalization].evaluate(model, device)[0]
+        except (OSError, ValueError, InputError, DataSourceError) as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(markdown(rows, config.run.val_cases))
 
 
