@@ -30,7 +30,7 @@ from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
 from Training.error_by_band import band_errors, markdown, windowed_method  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
-from Training.train import train  # noqa: E402
+from Training.train import train, train_step  # noqa: E402
 from conftest import DEVICES, NEEDS_CUDA  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -188,11 +188,12 @@ def test_windowed_decoding_with_every_acquired_slice_is_whole_volume_decoding():
     assert np.abs(two_slices[generated] - whole[generated]).max() > 5.0
 
 
-def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
-    straight_config = small_config(crops, tmp_path / "straight")
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path, accumulate):
+    straight_config = small_config(crops, tmp_path / "straight", accumulate=accumulate)
     straight_config.data.workers = 1  # worker processes, as in real runs
     straight, straight_history = train(straight_config)
-    interrupted = small_config(crops, tmp_path / "resumed", steps=3)
+    interrupted = small_config(crops, tmp_path / "resumed", steps=3, accumulate=accumulate)
     _, first_half = train(interrupted)
     interrupted.optim.steps = 6
     resumed, second_half = train(interrupted)
@@ -208,6 +209,40 @@ def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path):
     exported, info = load_model(export(tmp_path / "resumed" / "step-0000006.json", tmp_path / "exported.safetensors"))
     assert info.trained and info.provenance["steps"] == 6 and info.provenance["training_data"] == ["a.nii.gz", "b.nii.gz"]
     assert all(torch.equal(tensor, exported.state_dict()[name]) for name, tensor in straight.state_dict().items())
+    assert info.provenance["patches_seen"] == 6 * accumulate * straight_config.data.batch_size
+
+
+def test_accumulated_batches_make_the_step_of_the_batch_they_split(crops):
+    """optim.accumulate: two halves of a batch, one after the other, step as the whole batch does."""
+    config = small_config(crops, Path("unused"), pixel_loss="l2")
+    config.data.batch_size = 4
+    config.data.degradations = {"interval": 1.0}  # with the cycle term
+    model_config = config.model_config()
+    batches = data.PairBatches(data.load_volumes(crops, config.data, model_config.normalization), config.data, 3)
+    wholes = [batches[(0, index)] for index in range(3)]
+    halves = [[{**batch, "lr": batch["lr"][part], "hr": batch["hr"][part]} for part in (slice(0, 2), slice(2, 4))]
+              for batch in wholes]
+
+    def three_steps(step_batches: list[list[dict]]) -> tuple[CycleINR, list]:
+        torch.manual_seed(0)
+        model = CycleINR(model_config)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        objective = losses.CycleObjective(model)
+        return model, [train_step(objective, model, optimizer, b, config.optim, torch.device("cpu"), False)
+                       for b in step_batches]
+
+    whole_model, whole_steps = three_steps([[batch] for batch in wholes])
+    split_model, split_steps = three_steps(halves)
+    for (whole_terms, whole_norm), (split_terms, split_norm) in zip(whole_steps, split_steps):
+        assert split_terms.cycle.item() > 0
+        for whole_term, split_term in zip(whole_terms, split_terms):
+            assert split_term.item() == pytest.approx(whole_term.item(), rel=1e-5, abs=1e-9)
+        assert split_norm.item() == pytest.approx(whole_norm.item(), rel=1e-4)
+    torch.manual_seed(0)
+    initial = CycleINR(model_config).state_dict()
+    for name, tensor in whole_model.state_dict().items():
+        torch.testing.assert_close(split_model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(whole_model.state_dict()["encoder.head.0.weight"], initial["encoder.head.0.weight"])
 
 
 def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
@@ -286,11 +321,12 @@ def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 
 
-def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path, accumulate):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = small_config(crops, tmp_path / "ddp", steps=4)
+    config = small_config(crops, tmp_path / "ddp", steps=4, accumulate=accumulate)
     mp.spawn(_ddp_worker, args=(config, port, tmp_path), nprocs=2, join=True)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     initial = CycleINR(config.model_config()).state_dict()

@@ -44,6 +44,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     steps: int = 200_000
+    # Batches per optimizer step (gradient accumulation): a step sees accumulate x
+    # data.batch_size patches per process, each batch at its own scale, in the memory of one.
+    accumulate: int = 1
     lr: float = 1e-4
     lr_halve_every: int = 40_000  # steps; the paper halves every 200 of 3000 epochs
     grad_clip: float = 1.0
@@ -57,8 +60,8 @@ class OptimConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.lr_halve_every < 1 or self.lr < 0:
-            raise ValueError("optim.steps and optim.lr_halve_every must be at least 1, optim.lr not negative")
+        if self.steps < 1 or self.lr_halve_every < 1 or self.accumulate < 1 or self.lr < 0:
+            raise ValueError("optim.steps, optim.lr_halve_every and optim.accumulate must be at least 1, optim.lr not negative")
         if self.noise_weight < 0:
             raise ValueError(f"noise_weight must be >= 0, not {self.noise_weight}")
         if self.pixel_loss not in PIXEL_LOSSES:

@@ -11,6 +11,7 @@ the run had not been interrupted. Relative data paths are relative to the workin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -82,7 +83,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     objective = losses.CycleObjective(model)
     if distributed:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    batches = data.batch_stream(dataset, rank, world_size, step, config.data.workers, device.type == "cuda")
+    batches = data.batch_stream(dataset, rank, world_size, step * config.optim.accumulate, config.data.workers,
+                                device.type == "cuda")
 
     # ---------------------------------------------------------------- loop
     writer = SummaryWriter(str(out_dir / "tensorboard")) if master else None
@@ -90,12 +92,12 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     started = time.time()
     bar = tqdm(total=config.optim.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < config.optim.steps:
-        batch = next(batches)
-        terms, grad_norm = train_step(objective, model, optimizer, batch, config.optim, device, amp)
+        step_batches = [next(batches) for _ in range(config.optim.accumulate)]
+        terms, grad_norm = train_step(objective, model, optimizer, step_batches, config.optim, device, amp)
         scheduler.step()
         step += 1
         record = {"step": step, "loss": terms.total.item(), "inr": terms.inr.item(), "cycle": terms.cycle.item(),
-                  "noise": terms.noise.item(), "scale": batch["scale"]}
+                  "noise": terms.noise.item(), "scale": sum(b["scale"] for b in step_batches) / len(step_batches)}
         history.append(record)
         bar.update(1)
         if master and (step % config.run.log_every == 0 or step == config.optim.steps):
@@ -131,17 +133,26 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     return model, history
 
 
-def train_step(objective, model, optimizer, batch: dict, optim: OptimConfig, device: torch.device, amp: bool):
-    """One optimizer step on one batch (eq. 9); returns the loss terms and the gradient norm."""
-    low, high = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        terms = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
-                                   optim.cycle_weight, optim.pixel_loss, optim.noise_weight)
+def train_step(objective, model, optimizer, batches: list[dict], optim: OptimConfig, device: torch.device, amp: bool):
+    """One optimizer step on the mean loss (eq. 9) of equal-sized `batches`, their gradients
+    accumulated one batch at a time; returns the mean loss terms and the gradient norm.
+
+    Under DDP only the last backward all-reduces: the gradients summed before it are local.
+    """
     optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
+    step_terms = []
+    for index, batch in enumerate(batches):
+        low, high = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
+        last = index == len(batches) - 1
+        with objective.no_sync() if hasattr(objective, "no_sync") and not last else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                terms = losses.step_losses(objective, low, high, batch["scale"], batch["mode"],
+                                           optim.cycle_weight, optim.pixel_loss, optim.noise_weight)
+            (terms.total / len(batches)).backward()
+        step_terms.append(losses.StepLosses(*(term.detach() for term in terms)))
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
     optimizer.step()
-    return terms, grad_norm
+    return losses.StepLosses(*(torch.stack(values).mean() for values in zip(*step_terms))), grad_norm
 
 
 def machine_description() -> str:
@@ -158,7 +169,7 @@ def provenance(config: TrainConfig, step: int, metrics: dict) -> dict:
         "validation_data": config.data.val,
         "validation_crop": config.run.val_crop,
         "steps": step,
-        "patches_seen": step * config.data.batch_size * world_size,
+        "patches_seen": step * config.optim.accumulate * config.data.batch_size * world_size,
         "processes": world_size,
         "wall_seconds": round(metrics["wall_seconds"]),
         "machine": metrics["machine"],

@@ -61,11 +61,16 @@ def main() -> int:
     objective = losses.CycleObjective(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     amp = config.optim.autocast(device.type)
+    accumulate = config.optim.accumulate
+
+    def step_batches(step: int) -> list[dict]:
+        return [batches[(0, step * accumulate + index)] for index in range(accumulate)]
+
     seconds = []
-    for index in range(args.warm_up + args.steps):
-        batch = batches[(0, index)]
+    for step in range(args.warm_up + args.steps):
+        drawn = step_batches(step)
         started = time.perf_counter()
-        train_step(objective, model, optimizer, batch, config.optim, device, amp)
+        train_step(objective, model, optimizer, drawn, config.optim, device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
@@ -78,12 +83,12 @@ def main() -> int:
     print("| config | device | steps | mean s/step | median s/step | patches/s | peak memory (GiB) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {Path(args.config).name} {' '.join(args.overrides)} | {where} | {len(timed)} | {statistics.mean(timed):.3f} | "
-          f"{statistics.median(timed):.3f} | {config.data.batch_size / statistics.mean(timed):.1f} | {peak_gb:.2f} |")
+          f"{statistics.median(timed):.3f} | {accumulate * config.data.batch_size / statistics.mean(timed):.1f} | {peak_gb:.2f} |")
     if args.profile:  # after the timed steps, so that the profiler's overhead stays out of them
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as profiler:
-            for index in range(args.warm_up + args.steps, args.warm_up + 2 * args.steps):
-                train_step(objective, model, optimizer, batches[(0, index)], config.optim, device, amp)
+            for step in range(args.warm_up + args.steps, args.warm_up + 2 * args.steps):
+                train_step(objective, model, optimizer, step_batches(step), config.optim, device, amp)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
