@@ -96,6 +96,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         terms, grad_norm = train_step(objective, model, optimizer, step_batches, config.optim, device, amp)
         scheduler.step()
         step += 1
+        # "scale": the step's r, or the mean r of its accumulated batches
         record = {"step": step, "loss": terms.total.item(), "inr": terms.inr.item(), "cycle": terms.cycle.item(),
                   "noise": terms.noise.item(), "scale": sum(b["scale"] for b in step_batches) / len(step_batches)}
         history.append(record)
