@@ -10,13 +10,15 @@
 # check: the CUDA tests (bfloat16 autocast, recomputation, NCCL through torchrun, CUDA
 # upsampling) and the training-step benchmarks on the GPU; the s/step at batch BATCH (128)
 # stays on the machine and sizes train. FIT_ONE_BATCH=1 adds whether the paper config leaves
-# the linear start (fit_one_batch.py, 100 steps in float32; not yet timed on a GPU).
+# the linear start (fit_one_batch.py, 100 steps in float32; under 30 s on an H200).
 # train: a stage of ct_cpu.yaml on the GPU from the shipped weights (or from INIT_WEIGHTS, a
 # file that travels: name it in carry), batch BATCH, Adam 1e-4 halved every quarter, as many
 # steps as fit in S seconds (default 300; stopped a minute after that whatever happens); its
 # weights and log come back under $OUT, then `cycleinr upsample` is timed on the GPU, with and
 # without --flip-ensemble. A session has 15 minutes of device time, the machine's start
-# included: check (about 2 min) then train with S = 420 used 9 of them (2026-11-26).
+# included: check (about 2 min) then train with S = 420 used 9 of them; with MEASURE=0,
+# FIT_ONE_BATCH=1 check took 97 s and train with S = 560 (3584 steps) 457 s, 10 min in all
+# with the start and transfers (both 2026-11-26).
 # A call carries at most 64 MiB: the wheels (57 MB) and the training volumes (51 MB) travel in
 # separate calls; the installed wheels (.site) and the test volume stay on the warm machine,
 # which is given back 30 s after a call, so issue train at once.
