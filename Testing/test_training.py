@@ -30,7 +30,7 @@ from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
 from Training.error_by_band import band_errors, markdown, windowed_method  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
-from Training.train import train, train_step  # noqa: E402
+from Training.train import ResumeError, check_resumable, train, train_step  # noqa: E402
 from conftest import DEVICES, NEEDS_CUDA  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -210,6 +210,40 @@ def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path, accumulate):
     assert info.trained and info.provenance["steps"] == 6 and info.provenance["training_data"] == ["a.nii.gz", "b.nii.gz"]
     assert all(torch.equal(tensor, exported.state_dict()[name]) for name, tensor in straight.state_dict().items())
     assert info.provenance["patches_seen"] == 6 * accumulate * straight_config.data.batch_size
+
+
+def test_resume_with_other_settings_is_refused_in_one_line(crops, tmp_path):
+    """A changed batch stream, schedule or process count would not continue the run: the script
+    says so in one line and leaves the checkpoints alone; length, device and folder may change."""
+    run = tmp_path / "run"
+    train(small_config(crops, run, steps=3))
+    checkpoints = {path.name: path.read_bytes() for path in run.glob("step-*")}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(small_config(crops, run).to_dict()))
+    refused = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file),
+                              "optim.accumulate=2", "optim.lr=0.002"], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"train.py: error: {run} holds a run that these settings would not continue (optim.accumulate: 1 -> 2; "
+        "optim.lr: 0.001 -> 0.002): resume it with its own settings, or give a new run another run.out_dir"]
+    assert {path.name: path.read_bytes() for path in run.glob("step-*")} == checkpoints
+    description = checkpointing.read_description(run / "step-0000003.json")
+    with pytest.raises(ResumeError, match=r"\(processes: 1 -> 2\)"):
+        check_resumable(small_config(crops, run), description, world_size=2)
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    (fewer / "a.nii.gz").write_bytes((crops / "a.nii.gz").read_bytes())
+    with pytest.raises(ResumeError, match="trained on a.nii.gz, b.nii.gz; .* gives a.nii.gz$"):
+        train(small_config(fewer, run))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for crop in crops.iterdir():
+        (moved / crop.name).write_bytes(crop.read_bytes())
+    longer = small_config(moved, run, steps=4)
+    longer.run.threads, longer.run.checkpoint_every = 2, 1
+    _, history = train(longer)
+    assert [record["step"] for record in history] == [4]
 
 
 def test_accumulated_batches_make_the_step_of_the_batch_they_split(crops):

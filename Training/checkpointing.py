@@ -60,10 +60,14 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def read_description(json_path: Path) -> dict:
+    """A checkpoint's JSON part: config, step, metrics, optimizer and scheduler state."""
+    return json.loads(Path(json_path).read_text())
+
+
 def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
     """(description, tensors) of a checkpoint."""
-    description = json.loads(Path(json_path).read_text())
-    return description, load_file(str(Path(json_path).with_suffix(".safetensors")))
+    return read_description(json_path), load_file(str(Path(json_path).with_suffix(".safetensors")))
 
 
 def model_tensors(tensors: dict) -> dict:

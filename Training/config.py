@@ -93,6 +93,13 @@ class RunConfig:
             raise ValueError(f"recompute_slices must be >= 0, not {self.recompute_slices}")
 
 
+# What a resumed run may change without becoming another run: its length, the arithmetic's
+# precision, loading, where the data lie (the volumes themselves are compared by name), and
+# everything under run (device, validation, bookkeeping). Anything else changes the batches or
+# the updates, and an optimizer or schedule change would be overwritten by the checkpoint's.
+RESUMABLE_CHANGES = ("optim.steps", "optim.amp", "optim.cpu_amp", "data.workers", "data.train", "data.val", "run.")
+
+
 @dataclass
 class TrainConfig:
     model: str = "paper"  # a name from CycleINRLib.config.NAMED_CONFIGS
@@ -119,6 +126,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resume_conflicts(self, saved: dict) -> list[str]:
+        """The settings of a checkpoint's run (`saved`, its config) that this config changes and
+        a resumed run cannot, as "section.key: old -> new"."""
+        before, after = TrainConfig.from_dict(saved), self
+        conflicts = []
+        if before.model_config() != after.model_config():
+            conflicts.append(f"model: {before.model!r} with {before.model_overrides} -> {after.model!r} with {after.model_overrides}")
+        for section in ("data", "optim"):
+            old, new = asdict(getattr(before, section)), asdict(getattr(after, section))
+            conflicts += [f"{section}.{key}: {old[key]!r} -> {new[key]!r}" for key in old
+                          if old[key] != new[key] and not f"{section}.{key}".startswith(RESUMABLE_CHANGES)]
+        return conflicts
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

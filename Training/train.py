@@ -36,6 +36,10 @@ from Training.config import OptimConfig, TrainConfig, load_config
 from Training.validation import ValidationSet
 
 
+class ResumeError(ValueError):
+    """run.out_dir holds checkpoints of a run that this command's settings would not continue."""
+
+
 def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     """Run (or resume) training; returns the bare model and this process's per-step losses."""
     # ---------------------------------------------------------------- processes, devices
@@ -43,6 +47,11 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    out_dir = Path(config.run.out_dir)
+    existing = checkpointing.list_checkpoints(out_dir)
+    resumed_from = checkpointing.read_description(existing[-1]) if existing else None
+    if resumed_from:
+        check_resumable(config, resumed_from, world_size)
     device = resolve_device(config.run.device)
     if distributed:
         if device.type == "cuda":
@@ -53,11 +62,14 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     amp = config.optim.autocast(device.type)
-    out_dir = Path(config.run.out_dir)
 
     # ---------------------------------------------------------------- data
     model_config = config.model_config()
     volumes = data.load_volumes(config.data.train, config.data, model_config.normalization)
+    trained_on = resumed_from["metrics"].get("training_data") if resumed_from else None
+    if trained_on and trained_on != [volume.name for volume in volumes]:
+        raise ResumeError(f"{out_dir} holds a run trained on {', '.join(trained_on)}; "
+                          f"{config.data.train} gives {', '.join(volume.name for volume in volumes)}")
     dataset = data.PairBatches(volumes, config.data, config.optim.seed)
     validation = ValidationSet.load(config.data.val, config.run, model_config.normalization) if master and config.data.val else None
 
@@ -68,7 +80,6 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.optim.lr_halve_every, gamma=0.5)
     step, wall_before, best_psnr, metrics = 0, 0.0, float("-inf"), {}
-    existing = checkpointing.list_checkpoints(out_dir)
     if existing:
         description = checkpointing.restore(existing[-1], model, optimizer, scheduler)
         step, metrics = description["step"], description["metrics"]
@@ -134,6 +145,21 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     return model, history
 
 
+def check_resumable(config: TrainConfig, checkpoint: dict, world_size: int) -> None:
+    """Refuse to resume a run with settings that would make it another run (README, section Training)."""
+    try:
+        changes = config.resume_conflicts(checkpoint["config"])
+    except ValueError as error:
+        raise ResumeError(f"{config.run.out_dir}: its checkpoints' config does not read ({error})") from None
+    trained_by = checkpoint["metrics"].get("world_size", 1)
+    if trained_by != world_size:
+        changes.append(f"processes: {trained_by} -> {world_size}")
+    if changes:
+        raise ResumeError(f"{config.run.out_dir} holds a run that these settings would not continue "
+                          f"({'; '.join(changes)}): resume it with its own settings, or give a new run "
+                          "another run.out_dir")
+
+
 def train_step(objective, model, optimizer, batches: list[dict], optim: OptimConfig, device: torch.device, amp: bool):
     """One optimizer step on the mean loss (eq. 9) of equal-sized `batches`, their gradients
     accumulated one batch at a time; returns the mean loss terms and the gradient norm.
@@ -192,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.config}: {error}")
     try:
         train(config)
-    except data.DataSourceError as error:
+    except (data.DataSourceError, ResumeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
