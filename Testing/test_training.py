@@ -308,7 +308,7 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
 
 def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_path):
     train(small_config(crops, tmp_path / "base", steps=3))
-    start = export(tmp_path / "base" / "step-0000003.json", tmp_path / "start.safetensors")
+    start = export(tmp_path / "base" / "step-0000003.json", tmp_path / "start.safetensors", data_note="two head crops")
     tuned = small_config(crops, tmp_path / "tuned", steps=1, lr=0.0)  # Adam with lr 0 leaves the start as it is
     tuned.run.init_weights = str(start)
     tuned.__post_init__()
@@ -316,7 +316,9 @@ def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_pat
     start_model, _ = load_model(start)
     assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in start_model.state_dict().items())
     _, info = load_model(export(tmp_path / "tuned" / "step-0000001.json", tmp_path / "tuned.safetensors"))
-    assert info.provenance["steps"] == 1 and info.provenance["initialised_from"]["provenance"]["steps"] == 3
+    parent = info.provenance["initialised_from"]["provenance"]
+    assert info.provenance["steps"] == 1 and parent["steps"] == 3
+    assert parent["data_note"] == "two head crops" and "data_note" not in info.provenance
     other = small_config(crops, tmp_path / "other")
     other.model_overrides, other.run.init_weights = {"attention": False}, str(start)
     with pytest.raises(ValueError, match="holds a different model"):

@@ -2,6 +2,7 @@
 
     python Training/export_weights.py runs/ct_cpu/step-0001000.json
     python Training/export_weights.py runs/ct_cpu/step-0001000.json --output my_weights.safetensors
+    python Training/export_weights.py CHECKPOINT --data-note "data.train held 256 x 256 crops of ..."
 """
 
 from __future__ import annotations
@@ -35,18 +36,24 @@ def model_from_checkpoint(checkpoint: Path) -> tuple[CycleINR, TrainConfig, dict
     return model, config, description
 
 
-def export(checkpoint: Path, output: Path) -> Path:
+def export(checkpoint: Path, output: Path, data_note: str | None = None) -> Path:
+    """`data_note`, kept in the provenance, says what the run's data paths held where their
+    names do not (crops made for a GPU machine, say)."""
     model, config, description = model_from_checkpoint(checkpoint)
-    return save_model(model, output, trained=True, provenance=provenance(config, description["step"], description["metrics"]))
+    origin = provenance(config, description["step"], description["metrics"])
+    if data_note:
+        origin["data_note"] = data_note
+    return save_model(model, output, trained=True, provenance=origin)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a step-NNNNNNN.json file of a training run")
     parser.add_argument("--output", type=Path, default=DEFAULT_WEIGHTS, help=f"default: {DEFAULT_WEIGHTS}")
+    parser.add_argument("--data-note", help="what the run's data paths held, kept in the provenance")
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {export(args.checkpoint, args.output)}")
+        print(f"wrote {export(args.checkpoint, args.output, args.data_note)}")
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 

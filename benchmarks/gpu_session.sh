@@ -107,7 +107,12 @@ train() {
     local last
     last=$(ls runs/gpu_stage/step-*.json | sort -V | tail -1)
     cp "$last" "$OUT/gpu_stage_last_step.json"
-    "$PYTHON" Training/export_weights.py "$last" --output "$OUT/gpu_stage.safetensors"
+    local gpu note
+    gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')")
+    note="run by benchmarks/gpu_session.sh train (SEED=$SEED MEASURE=$MEASURE TRAIN_SECONDS=$seconds) on a lent $gpu:"
+    note+=" the three chest CTs of $SHARED/train as their central 256 x 256 in-plane crops, every slice, the head CT whole;"
+    note+=" .gpu_data/val is the centred 64 x 192 x 192 crop of $SHARED/val/lidc-0002_chest_1.25mm.nii.gz"
+    "$PYTHON" Training/export_weights.py "$last" --output "$OUT/gpu_stage.safetensors" --data-note "$note"
     [ "$MEASURE" = 1 ] || return 0
     timeout 60 "$PYTHON" benchmarks/upsample_bench.py --source .gpu_data/train/lidc-0314_chest_1.0mm.nii.gz \
         --factors ${FACTORS:-2 2.5 5} --devices $DEVICE --flip-ensemble 2>&1 | tee "$OUT/upsample_bench.md"
