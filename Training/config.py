@@ -93,11 +93,11 @@ class RunConfig:
             raise ValueError(f"recompute_slices must be >= 0, not {self.recompute_slices}")
 
 
-# What a resumed run may change without becoming another run: its length, the arithmetic's
-# precision, loading, where the data lie (the volumes themselves are compared by name), and
-# everything under run (device, validation, bookkeeping). Anything else changes the batches or
-# the updates, and an optimizer or schedule change would be overwritten by the checkpoint's.
-RESUMABLE_CHANGES = ("optim.steps", "optim.amp", "optim.cpu_amp", "data.workers", "data.train", "data.val", "run.")
+# What a resumed run may change in data and optim without becoming another run: its length, the
+# arithmetic's precision, loading, and where the data lie (the volumes themselves are compared by
+# name); run (device, validation, bookkeeping) is free. Anything else changes the batches or the
+# updates, and an optimizer or schedule change would be overwritten by the checkpoint's.
+RESUMABLE_CHANGES = {"optim.steps", "optim.amp", "optim.cpu_amp", "data.workers", "data.train", "data.val"}
 
 
 @dataclass
@@ -137,7 +137,7 @@ class TrainConfig:
         for section in ("data", "optim"):
             old, new = asdict(getattr(before, section)), asdict(getattr(after, section))
             conflicts += [f"{section}.{key}: {old[key]!r} -> {new[key]!r}" for key in old
-                          if old[key] != new[key] and not f"{section}.{key}".startswith(RESUMABLE_CHANGES)]
+                          if old[key] != new[key] and f"{section}.{key}" not in RESUMABLE_CHANGES]
         return conflicts
 
     @classmethod
