@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from CycleINRLib.checkpoint import load_model  # noqa: E402
+from CycleINRLib.checkpoint import load_model, save_model  # noqa: E402
 from CycleINRLib.config import NAMED_CONFIGS  # noqa: E402
 from CycleINRLib.degrade import degrade, degrade_at  # noqa: E402
 from CycleINRLib.evaluate import evaluate_volume, make_methods, parse_case  # noqa: E402
@@ -216,7 +216,11 @@ def test_resume_with_other_settings_is_refused_in_one_line(crops, tmp_path):
     """A changed batch stream, schedule or process count would not continue the run: the script
     says so in one line and leaves the checkpoints alone; length, device and folder may change."""
     run = tmp_path / "run"
-    train(small_config(crops, run, steps=3))
+    first = small_config(crops, run, steps=3)
+    start = save_model(CycleINR(first.model_config()), tmp_path / "start.safetensors", trained=False)
+    first.run.init_weights = str(start)
+    train(first)
+    start.unlink()  # unused on resume: its absence does not stop one
     checkpoints = {path.name: path.read_bytes() for path in run.glob("step-*")}
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(small_config(crops, run).to_dict()))

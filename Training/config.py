@@ -130,7 +130,7 @@ class TrainConfig:
     def resume_conflicts(self, saved: dict) -> list[str]:
         """The settings of a checkpoint's run (`saved`, its config) that this config changes and
         a resumed run cannot, as "section.key: old -> new"."""
-        before, after = TrainConfig.from_dict(saved), self
+        before, after = TrainConfig.from_dict({**saved, "run": {}}), self  # run is free (its init_weights may be gone)
         conflicts = []
         if before.model_config() != after.model_config():
             conflicts.append(f"model: {before.model!r} with {before.model_overrides} -> {after.model!r} with {after.model_overrides}")
