@@ -250,6 +250,31 @@ def test_resume_with_other_settings_is_refused_in_one_line(crops, tmp_path):
     assert [record["step"] for record in history] == [4]
 
 
+def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp_path):
+    """A newest checkpoint that no longer reads costs one interval, not the run; when none reads
+    the script says so in one line and leaves them for the user, never starting over on them."""
+    run = tmp_path / "run"
+    config = small_config(crops, run)  # checkpoints at steps 3 and 6
+    _, history = train(config)
+    (run / "step-0000006.json").write_text('{"step": 6, "config": {')  # a hand edit gone wrong
+    with pytest.warns(checkpointing.CheckpointWarning, match=r"step-0000006\.json: not a readable checkpoint"):
+        _, redone = train(config)
+    assert [record["loss"] for record in redone] == [record["loss"] for record in history[3:]]
+    assert checkpointing.read_checkpoint(run / "step-0000006.json")[0]["step"] == 6  # written again
+    for weights in run.glob("step-*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    damaged = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    refused = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file),
+                              "optim.steps=9"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: {run}: none of its 2 checkpoints reads (see the warnings above); "
+        "move them away to start a new run there")
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == damaged
+
+
 def test_accumulated_batches_make_the_step_of_the_batch_they_split(crops):
     """optim.accumulate: two halves of a batch, one after the other, step as the whole batch does."""
     config = small_config(crops, Path("unused"), pixel_loss="l2")

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from CycleINRLib.io import atomic_output
 
 PATTERN = re.compile(r"^step-(\d+)\.json$")  # not the hidden partial files of an interrupted write
+DESCRIPTION_KEYS = ("step", "config", "metrics", "optimizer", "scheduler")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or resumed from; the message names the file."""
+
+
+class CheckpointWarning(UserWarning):
+    """An unreadable checkpoint skipped in favour of an older one."""
 
 
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, config: dict, metrics: dict, keep: int) -> Path:
@@ -66,8 +77,33 @@ def read_description(json_path: Path) -> dict:
 
 
 def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
-    """(description, tensors) of a checkpoint."""
-    return read_description(json_path), load_file(str(Path(json_path).with_suffix(".safetensors")))
+    """(description, tensors) of a checkpoint; CheckpointError when either part does not read."""
+    try:
+        description = read_description(json_path)
+        tensors = load_file(str(Path(json_path).with_suffix(".safetensors")))
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CheckpointError(f"{json_path}: not a readable checkpoint ({error})") from None
+    missing = [key for key in DESCRIPTION_KEYS if not isinstance(description, dict) or key not in description]
+    if missing or "rng.torch" not in tensors:
+        raise CheckpointError(f"{json_path}: not a readable checkpoint (lacks {', '.join(missing or ['rng.torch'])})")
+    return description, tensors
+
+
+def newest_readable(directory: Path) -> tuple[Path, dict, dict] | None:
+    """(json path, description, tensors) of the newest checkpoint that reads, None when there is
+    none; a damaged newer one (a disk error, a hand edit) is skipped with a warning, so that a
+    resume loses one more checkpoint interval rather than the run. CheckpointError when
+    checkpoints exist and none of them reads: starting afresh would overwrite them."""
+    found = list_checkpoints(directory)
+    for json_path in reversed(found):
+        try:
+            return (json_path, *read_checkpoint(json_path))
+        except CheckpointError as error:
+            warnings.warn(f"skipping {error}", CheckpointWarning, stacklevel=2)
+    if found:
+        raise CheckpointError(f"{directory}: none of its {len(found)} checkpoints reads (see the warnings above); "
+                              "move them away to start a new run there")
+    return None
 
 
 def model_tensors(tensors: dict) -> dict:
@@ -75,9 +111,8 @@ def model_tensors(tensors: dict) -> dict:
     return {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
 
 
-def restore(json_path: Path, model, optimizer, scheduler) -> dict:
-    """Load model, optimizer, scheduler and RNG states in place; returns the description."""
-    description, tensors = read_checkpoint(json_path)
+def restore(description: dict, tensors: dict, model, optimizer, scheduler) -> None:
+    """Load a checkpoint's model, optimizer, scheduler and RNG states in place."""
     model.load_state_dict(model_tensors(tensors))
     state: dict = {}
     for key, value in tensors.items():
@@ -94,4 +129,3 @@ def restore(json_path: Path, model, optimizer, scheduler) -> dict:
     cuda_states = [tensors[k] for k in cuda_keys]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-    return description

@@ -14,8 +14,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safetensors import SafetensorError
-
 from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, save_model
 from CycleINRLib.models import CycleINR
 from Training.checkpointing import model_tensors, read_checkpoint
@@ -26,12 +24,12 @@ from Training.train import provenance
 def model_from_checkpoint(checkpoint: Path) -> tuple[CycleINR, TrainConfig, dict]:
     """The model of a training checkpoint, its run's config and the checkpoint's description;
     ValueError, naming the file, when it is not a readable checkpoint."""
+    description, tensors = read_checkpoint(checkpoint)  # CheckpointError (a ValueError) names the file
     try:
-        description, tensors = read_checkpoint(checkpoint)
         config = TrainConfig.from_dict(description["config"])
         model = CycleINR(config.model_config())
         model.load_state_dict(model_tensors(tensors))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ValueError(f"{checkpoint}: not a readable training checkpoint ({error})") from None
     return model, config, description
 

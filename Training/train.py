@@ -48,8 +48,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     out_dir = Path(config.run.out_dir)
-    existing = checkpointing.list_checkpoints(out_dir)
-    resumed_from = checkpointing.read_description(existing[-1]) if existing else None
+    resume = checkpointing.newest_readable(out_dir)
+    resumed_from = resume[1] if resume else None
     if resumed_from:
         check_resumable(config, resumed_from, world_size)
     device = resolve_device(config.run.device)
@@ -80,12 +80,13 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.optim.lr_halve_every, gamma=0.5)
     step, wall_before, best_psnr, metrics = 0, 0.0, float("-inf"), {}
-    if existing:
-        description = checkpointing.restore(existing[-1], model, optimizer, scheduler)
+    if resume:
+        checkpoint_path, description, tensors = resume
+        checkpointing.restore(description, tensors, model, optimizer, scheduler)
         step, metrics = description["step"], description["metrics"]
         wall_before, best_psnr = metrics.get("wall_seconds", 0.0), metrics.get("best_val_psnr", float("-inf"))
         if master:
-            print(f"resuming from {existing[-1]} at step {step}")
+            print(f"resuming from {checkpoint_path} at step {step}")
     elif config.run.init_weights:
         start, start_info = load_model(config.run.init_weights)
         model.load_state_dict(start.state_dict())
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.config}: {error}")
     try:
         train(config)
-    except (data.DataSourceError, ResumeError) as error:
+    except (data.DataSourceError, ResumeError, checkpointing.CheckpointError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
