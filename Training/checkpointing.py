@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from CycleINRLib.io import atomic_output
 
 PATTERN = re.compile(r"^step-(\d+)\.json$")  # not the hidden partial files of an interrupted write
-DESCRIPTION_KEYS = ("step", "config", "metrics", "optimizer", "scheduler")
+DESCRIPTION_TYPES = {"step": int, "config": dict, "metrics": dict, "optimizer": dict, "scheduler": dict}
 
 
 class CheckpointError(ValueError):
@@ -83,9 +83,10 @@ def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
         tensors = load_file(str(Path(json_path).with_suffix(".safetensors")))
     except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"{json_path}: not a readable checkpoint ({error})") from None
-    missing = [key for key in DESCRIPTION_KEYS if not isinstance(description, dict) or key not in description]
+    fields = description if isinstance(description, dict) else {}
+    missing = [key for key, kind in DESCRIPTION_TYPES.items() if not isinstance(fields.get(key), kind)]
     if missing or "rng.torch" not in tensors:
-        raise CheckpointError(f"{json_path}: not a readable checkpoint (lacks {', '.join(missing or ['rng.torch'])})")
+        raise CheckpointError(f"{json_path}: not a readable checkpoint (no valid {', '.join(missing or ['rng.torch'])})")
     return description, tensors
 
 

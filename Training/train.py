@@ -150,7 +150,7 @@ def check_resumable(config: TrainConfig, checkpoint: dict, world_size: int) -> N
     """Refuse to resume a run with settings that would make it another run (README, section Training)."""
     try:
         changes = config.resume_conflicts(checkpoint["config"])
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise ResumeError(f"{config.run.out_dir}: its checkpoints' config does not read ({error})") from None
     trained_by = checkpoint["metrics"].get("world_size", 1)
     if trained_by != world_size:
