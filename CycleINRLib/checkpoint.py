@@ -49,9 +49,18 @@ def save_model(model: CycleINR, path: str | os.PathLike, trained: bool, provenan
         "provenance": provenance or {},
     }
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    with atomic_output(path) as temporary:
-        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(description)})
+    write_safetensors(tensors, path, metadata={METADATA_KEY: json.dumps(description)})
     return path
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Written whole or not at all; OSError naming the file when it cannot be (safetensors
+    reports a write error in its own exception type)."""
+    try:
+        with atomic_output(path) as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
+    except SafetensorError as error:
+        raise OSError(f"{path}: cannot be written ({error})") from None
 
 
 def read_description(path: Path) -> dict:

@@ -123,6 +123,13 @@ def _cycleinr_method(weights: str | None, device: str, match_noise: bool, flip_e
     return Method("cycleinr-noise" if match_noise else "cycleinr", upsample, f"{described}, weights {info.label}, {device}")
 
 
+def check_case_fits(slices: int, case: Case, name: str) -> None:
+    """InputError unless `slices` thin slices leave `case` at least 2 acquired ones (both
+    degradations keep slices 0, k, 2k, ...)."""
+    if len(range(0, slices, case.keep_every)) < 2:
+        raise InputError(f"{name}: {slices} slices are too few for case {case.label}")
+
+
 def evaluate_volume(
     truth: np.ndarray,
     axis: int,
@@ -143,10 +150,9 @@ def evaluate_volume(
     """
     results = []
     for case in cases:
+        check_case_fits(truth.shape[axis], case, name)
         low_resolution = degrade(truth, case.keep_every, axis, degradation)
         input_slices = low_resolution.shape[axis]
-        if input_slices < 2:
-            raise InputError(f"{name}: {truth.shape[axis]} slices are too few for case {case.label}")
         output_slices = output_slice_count(input_slices, case.factor)
         reference = np.take(truth, np.arange(output_slices) * case.step, axis=axis)
         acquired = {out for out, _ in acquired_slice_matches(input_slices, case.factor)}

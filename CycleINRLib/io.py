@@ -6,8 +6,11 @@ geometry in ITK's order (i, j, k): spacing, origin and a row-major 3x3 direction
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import uuid
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +74,56 @@ def read_volume(path: str | os.PathLike) -> Volume:
 
 def _read_file(path: Path) -> sitk.Image:
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
         raise InputError(f"{path}: cannot be read as an image ({reason[:160]})") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
+    return image
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI file without complaint and fills the missing voxels with
+    zeros (NRRD and MetaImage readers refuse one); a half-copied file must not pass for data."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(540)
+            needed = _nifti_data_end(header)
+            if needed is None:
+                return  # not a header this check understands; ITK read it, so trust ITK
+            if opener is open:
+                handle.seek(0, os.SEEK_END)
+            else:  # a gzip stream's length is known only once decompressed
+                while handle.read(1 << 24):
+                    pass
+            available = handle.tell()
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path}: file is damaged or truncated ({error})") from None
+    if available < needed:
+        raise InputError(f"{path}: file is truncated: {available} of the {needed} bytes its header announces")
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Offset of the end of the voxel data that a NIfTI-1 or NIfTI-2 header describes."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 0 < dims[0] <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(1, n) for n in dims[1:dims[0] + 1]], dtype=np.int64))
+    return max(offset, 348) + voxels * bitpix // 8
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -168,11 +168,19 @@ def _non_uniform_dicom_series(folder: Path) -> Path:
     return folder
 
 
+def _cut_short(path: Path) -> Path:
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) * 2 // 3])
+    return path
+
+
 @pytest.mark.parametrize(
     "case, fragment",
     [
         ("missing", "no such file"),
         ("unreadable", "cannot be read"),
+        ("truncated_nifti", "file is damaged or truncated"),
+        ("truncated_plain_nifti", "file is truncated: "),
         ("two_d", "a 3D volume is needed"),
         ("four_d", "a 3D volume is needed"),
         ("rgb", "vector/RGB"),
@@ -190,10 +198,14 @@ def _non_uniform_dicom_series(folder: Path) -> Path:
 def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
     volume = np.zeros((4, 8, 8), np.int16)
     good = _write(tmp_path, "good.nii.gz", volume, (1.0, 1.0, 5.0))
+    noise = np.random.default_rng(0).integers(-1000, 1000, (4, 32, 32), dtype=np.int16)  # its gzip keeps the header
     output = tmp_path / "out.nii.gz"
     arguments = {
         "missing": lambda: [tmp_path / "absent.nii.gz", output, "--factor", 2],
         "unreadable": lambda: [_garbage(tmp_path / "broken.nii.gz"), output, "--factor", 2],
+        # ITK alone reads a NIfTI file cut short (a copy interrupted) with zeros for the missing voxels.
+        "truncated_nifti": lambda: [_cut_short(_write(tmp_path, "cut.nii.gz", noise, (1.0, 1.0, 5.0))), output, "--factor", 2],
+        "truncated_plain_nifti": lambda: [_cut_short(_write(tmp_path, "cut.nii", noise, (1.0, 1.0, 5.0))), output, "--factor", 2],
         "two_d": lambda: [_write(tmp_path, "flat.nii.gz", np.zeros((8, 8), np.int16)), output, "--factor", 2],
         "four_d": lambda: [_time_series(tmp_path / "time.nii.gz"), output, "--factor", 2],
         "rgb": lambda: [_write(tmp_path, "rgb.mha", np.zeros((4, 8, 8, 3), np.uint8)), output, "--factor", 2],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -256,11 +257,15 @@ def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp
     run = tmp_path / "run"
     config = small_config(crops, run)  # checkpoints at steps 3 and 6
     _, history = train(config)
-    (run / "step-0000006.json").write_text('{"step": 6, "config": {')  # a hand edit gone wrong
-    with pytest.warns(checkpointing.CheckpointWarning, match=r"step-0000006\.json: not a readable checkpoint"):
-        _, redone = train(config)
-    assert [record["loss"] for record in redone] == [record["loss"] for record in history[3:]]
-    assert checkpointing.read_checkpoint(run / "step-0000006.json")[0]["step"] == 6  # written again
+    intact = json.loads((run / "step-0000006.json").read_text())
+    hand_edits = {"not a readable checkpoint": '{"step": 6, "config": {',  # not JSON any more
+                  "does not restore": json.dumps({**intact, "optimizer": {"param_groups": []}})}  # JSON, wrong state
+    for message, text in hand_edits.items():
+        (run / "step-0000006.json").write_text(text)
+        with pytest.warns(checkpointing.CheckpointWarning, match=rf"step-0000006\.json: {message}"):
+            _, redone = train(config)
+        assert [record["loss"] for record in redone] == [record["loss"] for record in history[3:]]
+        assert checkpointing.read_checkpoint(run / "step-0000006.json")[0]["step"] == 6  # written again
     for weights in run.glob("step-*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     damaged = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
@@ -367,9 +372,11 @@ def test_train_script_rejects_a_bad_config_in_one_line(tmp_path):
 @pytest.mark.parametrize("source, message", [
     ("missing", "no such folder, volume file or list file"),
     ("image.png", "neither a volume file (.nii, .nii.gz, .nrrd, .mha, .mhd) nor a text file listing volumes"),
+    ("empty", "no usable training volume (no .nii, .nii.gz, .nrrd, .mha, .mhd files there)"),
 ])
 def test_train_script_reports_unreadable_data_in_one_line(tmp_path, source, message):
     (tmp_path / "image.png").write_bytes((REPOSITORY / "CycleINR.png").read_bytes())
+    (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config",
                              str(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml"), f"data.train={tmp_path / source}",
                              f"run.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
@@ -426,15 +433,24 @@ def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
     (folder / "good.nii.gz").write_bytes((crops / "a.nii.gz").read_bytes())
     (folder / "broken.nii.gz").write_bytes(b"not an image at all" * 10)
     sitk.WriteImage(sitk.Image(40, 40, sitk.sitkInt16), str(folder / "flat2d.nrrd"))
+    whole = (crops / "b.nii.gz").read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(whole[:len(whole) // 2])  # a copy cut short: ITK alone reads zeros
     thin = read_volume(crops / "a.nii.gz").array[:3]
     write_volume(Volume(thin, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), folder / "thin.mha")
     config = small_config(folder, tmp_path / "run", steps=2)
+    # The same folder validates too: thin.mha is too thin for case 5:5, which would otherwise
+    # end the run at its first validation, and every resume after it.
+    config.data.val, config.run.val_crop, config.run.val_cases = str(folder), [24, 32, 32], ["5:5"]
     with pytest.warns(data.TrainingDataWarning) as caught:
         _, history = train(config)
     messages = " | ".join(str(w.message) for w in caught)
-    for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha"):
-        assert name in messages
+    for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha", "truncated.nii.gz"):
+        assert f"skipping training volume {folder / name}" in messages or f"skipping training volume: {folder / name}" in messages
+    assert "truncated.nii.gz: file is damaged or truncated" in messages
+    assert f"skipping validation volume: {folder / 'thin.mha'} (run.val_crop [24, 32, 32]): 3 slices are too few for case 5:5" \
+        in messages
     assert "good.nii.gz" not in messages and len(history) == 2
+    assert checkpointing.read_checkpoint(tmp_path / "run" / "step-0000002.json")[0]["metrics"]["val"]["5:5/psnr_generated"] > 0
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "Training" / "configs").glob("*.yaml")),
@@ -467,7 +483,25 @@ def test_overrides_are_read_as_their_setting_s_type():
                               ("model_overrides={attention: 'no'}", "model.attention must be true or false, not 'no'"),
                               ("run.checkpoint_every=0", "run.checkpoint_every, run.keep_checkpoints, run.log_every and "
                                                          "run.val_every must be at least 1"),
-                              ("optim.lr=-1e-4", "optim.lr not negative")]:
+                              ("optim.lr=-1e-4", "optim.lr must be finite and >= 0"),
+                              ("optim.lr=.inf", "optim.lr must be finite and >= 0"),
+                              ("optim.grad_clip=-1", "optim.grad_clip finite and > 0"),
+                              ("optim.cycle_weight=-1", "cycle_weight must be finite and >= 0"),
+                              ("data.inplane_probability=-3", "inplane_probability must lie in [0, 1]"),
+                              ("data.degradations={interval: abc}", "degradations must give some of"),
+                              ("data.degradations={interval: 0, thick: 0}", "degradations must give some of"),
+                              ("data.workers=-1", "workers >= 0 are needed"),
+                              ("data.batches_per_epoch=0", "batches_per_epoch >= 1"),
+                              ("run.device=foo", "device must be one of auto, cpu, cuda, mps, not 'foo'"),
+                              ("run.threads=-1", "threads must be >= 0"),
+                              ("run.val_cases=[abc]", "val_cases: case 'abc' must be k:r"),
+                              ("run.val_cases=[5:5]", 'val_cases: write each case in quotes, e.g. "5:5" (YAML reads '
+                                                      "one unquoted as the number 305)"),
+                              ("run.val_crop=[a, b, c]", "val_crop must be null or 3 whole numbers"),
+                              ("optim=3", "optim must be a section of settings"),
+                              ("data.train.x=1", "data.train.x=1: train is a setting, not a section"),
+                              ("model_overrides=5", "model_overrides must be a mapping, not 5"),
+                              ("optim.lr=[1", "optim.lr=[1: not valid YAML")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_config(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", [override])
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from CycleINRLib.checkpoint import write_safetensors
 from CycleINRLib.io import atomic_output
 
 PATTERN = re.compile(r"^step-(\d+)\.json$")  # not the hidden partial files of an interrupted write
@@ -46,8 +47,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, con
         for device, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{device}"] = state
     stem = directory / f"step-{step:07d}"
-    with atomic_output(stem.with_suffix(".safetensors")) as temporary:
-        save_file(tensors, str(temporary))
+    write_safetensors(tensors, stem.with_suffix(".safetensors"))
     description = {
         "step": step,
         "config": config,
@@ -90,15 +90,19 @@ def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
     return description, tensors
 
 
-def newest_readable(directory: Path) -> tuple[Path, dict, dict] | None:
-    """(json path, description, tensors) of the newest checkpoint that reads, None when there is
-    none; a damaged newer one (a disk error, a hand edit) is skipped with a warning, so that a
-    resume loses one more checkpoint interval rather than the run. CheckpointError when
+def newest_readable(directory: Path, check=None) -> tuple[Path, dict, dict] | None:
+    """(json path, description, tensors) of the newest checkpoint that reads, and passes
+    `check(json_path, description, tensors)` (which raises CheckpointError otherwise); None when
+    there is none. A damaged newer one (a disk error, a hand edit) is skipped with a warning, so
+    that a resume loses one more checkpoint interval rather than the run. CheckpointError when
     checkpoints exist and none of them reads: starting afresh would overwrite them."""
     found = list_checkpoints(directory)
     for json_path in reversed(found):
         try:
-            return (json_path, *read_checkpoint(json_path))
+            description, tensors = read_checkpoint(json_path)
+            if check is not None:
+                check(json_path, description, tensors)
+            return json_path, description, tensors
         except CheckpointError as error:
             warnings.warn(f"skipping {error}", CheckpointWarning, stacklevel=2)
     if found:

@@ -3,6 +3,7 @@ every checkpoint so a run can be resumed or reproduced from its files alone."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import yaml
 from CycleINRLib.checkpoint import WeightsError, read_description
 from CycleINRLib.config import NAMED_CONFIGS, ModelConfig, typed_setting
 from CycleINRLib.degrade import DEGRADATIONS
+from CycleINRLib.errors import InputError
+from CycleINRLib.evaluate import parse_case
 
 from .losses import PIXEL_LOSSES
 
@@ -34,11 +37,16 @@ class DataConfig:
     def __post_init__(self):
         if not 1.0 < self.scale_min <= self.scale_max:
             raise ValueError("need 1 < scale_min <= scale_max")
-        unknown = set(self.degradations) - set(DEGRADATIONS)
-        if unknown or not self.degradations or min(self.degradations.values()) < 0:
-            raise ValueError(f"degradations must weight some of {DEGRADATIONS}, got {self.degradations}")
+        weights = self.degradations.values()
+        if (set(self.degradations) - set(DEGRADATIONS) or not all(_finite(w) and w >= 0 for w in weights)
+                or not sum(weights) > 0):
+            raise ValueError(f"degradations must give some of {DEGRADATIONS} weights >= 0, not all 0; got {self.degradations}")
         if self.lr_slices < 2 or self.patch_size < 4 or self.batch_size < 1:
             raise ValueError("lr_slices >= 2, patch_size >= 4 and batch_size >= 1 are needed")
+        if not 0 <= self.inplane_probability <= 1:
+            raise ValueError(f"inplane_probability must lie in [0, 1], not {self.inplane_probability}")
+        if not (self.max_truth_spacing_mm > 0 and self.min_patch_std >= 0 and self.batches_per_epoch >= 1 and self.workers >= 0):
+            raise ValueError("max_truth_spacing_mm > 0, min_patch_std >= 0, batches_per_epoch >= 1 and workers >= 0 are needed")
 
 
 @dataclass
@@ -60,10 +68,14 @@ class OptimConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.lr_halve_every < 1 or self.accumulate < 1 or self.lr < 0:
-            raise ValueError("optim.steps, optim.lr_halve_every and optim.accumulate must be at least 1, optim.lr not negative")
-        if self.noise_weight < 0:
-            raise ValueError(f"noise_weight must be >= 0, not {self.noise_weight}")
+        if self.steps < 1 or self.lr_halve_every < 1 or self.accumulate < 1:
+            raise ValueError("optim.steps, optim.lr_halve_every and optim.accumulate must be at least 1")
+        # A negative clip norm would flip the gradient's sign; inf or nan would end in nan weights.
+        if not (_finite(self.lr) and self.lr >= 0 and _finite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"optim.lr must be finite and >= 0, optim.grad_clip finite and > 0, not {self.lr} and {self.grad_clip}")
+        for name in ("cycle_weight", "noise_weight"):
+            if not (_finite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, not {getattr(self, name)}")
         if self.pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"pixel_loss must be one of {sorted(PIXEL_LOSSES)}, not {self.pixel_loss!r}")
 
@@ -89,8 +101,30 @@ class RunConfig:
     def __post_init__(self):
         if min(self.checkpoint_every, self.keep_checkpoints, self.log_every, self.val_every) < 1:
             raise ValueError("run.checkpoint_every, run.keep_checkpoints, run.log_every and run.val_every must be at least 1")
-        if self.recompute_slices < 0:
-            raise ValueError(f"recompute_slices must be >= 0, not {self.recompute_slices}")
+        if self.recompute_slices < 0 or self.threads < 0:
+            raise ValueError(f"recompute_slices and threads must be >= 0, not {self.recompute_slices} and {self.threads}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.val_crop is not None and (len(self.val_crop) != 3 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= MIN_VAL_CROP for n in self.val_crop)):
+            raise ValueError(f"val_crop must be null or 3 whole numbers >= {MIN_VAL_CROP} (slices, rows, columns), "
+                             f"not {self.val_crop}")
+        for case in self.val_cases:
+            if isinstance(case, int):  # YAML 1.1 reads an unquoted 5:5 as the base-60 number 305
+                raise ValueError(f'val_cases: write each case in quotes, e.g. "5:5" (YAML reads one unquoted as the '
+                                 f"number {case})")
+            try:
+                parse_case(str(case))
+            except InputError as error:
+                raise ValueError(f"val_cases: {error}") from None
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MIN_VAL_CROP = 8  # SSIM's 7 x 7 window needs that much in-plane; fewer slices fail a case's own check
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # What a resumed run may change in data and optim without becoming another run: its length, the
@@ -148,8 +182,12 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config sections: {', '.join(sorted(unknown))}")
         built = dict(values)
+        built["model"] = typed_setting("model", "str", built.get("model", TrainConfig.model))
+        built["model_overrides"] = typed_setting("model_overrides", "dict", built.get("model_overrides") or {})
         for name, section in sections.items():
             part = built.get(name) or {}
+            if not isinstance(part, dict):
+                raise ValueError(f"{name} must be a section of settings (key: value), not {part!r}")
             wrong = set(part) - {f.name for f in fields(section)}
             if wrong:
                 raise ValueError(f"unknown settings in {name}: {', '.join(sorted(wrong))}")
@@ -160,12 +198,27 @@ class TrainConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """YAML file plus `section.key=value` overrides (values parsed as YAML)."""
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    values = _yaml(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError("a config is a mapping of sections (model, model_overrides, data, optim, run), "
+                         f"not {type(values).__name__}")
     for item in overrides:
         key, _, raw = item.partition("=")
         *parents, leaf = key.split(".")
         target = values
         for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(raw)
+            if target.get(parent) is None:
+                target[parent] = {}
+            target = target[parent]
+            if not isinstance(target, dict):
+                raise ValueError(f"{item}: {parent} is a setting, not a section")
+        target[leaf] = _yaml(raw, item)
     return TrainConfig.from_dict(values)
+
+
+def _yaml(text: str, origin: str = "") -> object:
+    """Parsed YAML; a syntax error as a one-line ValueError (YAML's own message spans lines)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{origin + ': ' if origin else ''}not valid YAML ({' '.join(str(error).split())})") from None

@@ -85,7 +85,8 @@ def load_volumes(source: str | Path, config: DataConfig, normalization: Normaliz
     """Read every volume once; report and skip those that cannot give a training pair."""
     volumes = []
     depth = max_pair_depth(config)
-    for path in volume_paths(source):
+    paths = volume_paths(source)
+    for path in paths:
         volume = read_or_skip(path, "training")
         if volume is None:
             continue
@@ -107,6 +108,9 @@ def load_volumes(source: str | Path, config: DataConfig, normalization: Normaliz
             continue
         low, high = normalization.bounds(volume.array)
         volumes.append(TrainingVolume(path.name, volume.array, low, high, slice_axis, truth_axes))
+    if not volumes:
+        raise DataSourceError(f"{source}: no usable training volume "
+                              f"({'see the warnings above' if paths else 'no ' + ', '.join(VOLUME_SUFFIXES) + ' files there'})")
     return volumes
 
 
@@ -117,8 +121,6 @@ class PairBatches(Dataset):
     """
 
     def __init__(self, volumes: list[TrainingVolume], config: DataConfig, seed: int):
-        if not volumes:
-            raise DataSourceError("no usable training volume (see the warnings above)")
         self.volumes, self.config, self.seed = volumes, config, seed
         self.modes = sorted(config.degradations)
         weights = np.array([config.degradations[m] for m in self.modes], dtype=float)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(f"wrote {export(args.checkpoint, args.output, args.data_note)}")
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: --output cannot be written
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 

@@ -76,7 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.pixel_loss=l1")
     args = parser.parse_intermixed_args(argv)
-    fit_one_batch(load_config(args.config, args.overrides), args.scale, args.steps)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, not {args.steps}")
+    try:
+        config = load_config(args.config, args.overrides)
+    except (OSError, ValueError) as error:
+        parser.error(f"{args.config}: {error}")
+    try:
+        fit_one_batch(config, args.scale, args.steps)
+    except ValueError as error:  # the data (DataSourceError), --scale, run.device (InputError)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

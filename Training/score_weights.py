@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=".safetensors weights files or step-NNNNNNN.json checkpoints, and section.key=value "
                              "overrides of the config, e.g. run.val_crop=[64,192,192]")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"whose validation to use (default {DEFAULT_CONFIG.name})")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = [item for item in args.items if OVERRIDE.match(item)]
     weights = [Path(item) for item in args.items if not OVERRIDE.match(item)]
     missing = [str(path) for path in weights if not path.is_file()]
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {'no such file: ' + ', '.join(missing) if missing else 'no weights given'}\n")
     try:
         config = load_config(args.config, overrides)
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except (OSError, ValueError) as error:
         parser.error(f"{args.config}: {error}")
     if not config.data.val:
         parser.error(f"{args.config} names no validation data (data.val)")

@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -48,7 +47,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     out_dir = Path(config.run.out_dir)
-    resume = checkpointing.newest_readable(out_dir)
+    resume = checkpointing.newest_readable(out_dir, check=check_restorable)
     resumed_from = resume[1] if resume else None
     if resumed_from:
         check_resumable(config, resumed_from, world_size)
@@ -87,6 +86,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         wall_before, best_psnr = metrics.get("wall_seconds", 0.0), metrics.get("best_val_psnr", float("-inf"))
         if master:
             print(f"resuming from {checkpoint_path} at step {step}")
+            if step >= config.optim.steps:
+                print(f"the run has reached optim.steps={config.optim.steps}; raise it to train on")
     elif config.run.init_weights:
         start, start_info = load_model(config.run.init_weights)
         model.load_state_dict(start.state_dict())
@@ -146,12 +147,28 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     return model, history
 
 
+def check_restorable(json_path: Path, description: dict, tensors: dict) -> None:
+    """CheckpointError unless the checkpoint's config reads and its states load into the model,
+    optimizer and schedule that config builds: what a hand edit or a partial write breaks."""
+    try:
+        saved = TrainConfig.from_dict({**description["config"], "run": {}})  # run is free (its init_weights may be gone)
+        model = CycleINR(saved.model_config())
+        optimizer = torch.optim.Adam(model.parameters(), lr=saved.optim.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=saved.optim.lr_halve_every, gamma=0.5)
+        rng_state = torch.get_rng_state()
+        checkpointing.restore(description, tensors, model, optimizer, scheduler)
+        torch.set_rng_state(rng_state)
+        names = description["metrics"].get("training_data", [])
+        if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+            raise ValueError("metrics.training_data is not a list of file names")
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as error:
+        reason = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]  # one line
+        raise checkpointing.CheckpointError(f"{json_path}: does not restore ({reason})") from None
+
+
 def check_resumable(config: TrainConfig, checkpoint: dict, world_size: int) -> None:
     """Refuse to resume a run with settings that would make it another run (README, section Training)."""
-    try:
-        changes = config.resume_conflicts(checkpoint["config"])
-    except (ValueError, TypeError) as error:
-        raise ResumeError(f"{config.run.out_dir}: its checkpoints' config does not read ({error})") from None
+    changes = config.resume_conflicts(checkpoint["config"])  # check_restorable has read that config
     trained_by = checkpoint["metrics"].get("world_size", 1)
     if trained_by != world_size:
         changes.append(f"processes: {trained_by} -> {world_size}")
@@ -215,12 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except (OSError, ValueError) as error:
         parser.error(f"{args.config}: {error}")
     try:
         train(config)
-    except (data.DataSourceError, ResumeError, checkpointing.CheckpointError) as error:
+    # OSError: run.out_dir not writable, a full disk (checkpoints are written whole or not at all)
+    except (data.DataSourceError, ResumeError, checkpointing.CheckpointError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"\n{parser.prog}: interrupted; the same command resumes from the newest checkpoint in "
+                         f"{config.run.out_dir}\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ training means the same as one in the table; a centred crop keeps it affordable 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +16,10 @@ from CycleINRLib import evaluate
 from CycleINRLib.baselines import interpolate
 from CycleINRLib.config import Normalization
 from CycleINRLib.engine import upsample_array
+from CycleINRLib.errors import InputError
 
 from .config import RunConfig
-from .data import DataSourceError, read_or_skip, volume_paths
+from .data import DataSourceError, TrainingDataWarning, read_or_skip, volume_paths
 
 PREVIEW_CASE = "5:5"
 
@@ -32,17 +34,27 @@ class ValidationSet:
 
     @classmethod
     def load(cls, source: str, run: RunConfig, normalization: Normalization) -> "ValidationSet":
+        """Volumes too thin for a case are skipped here, with a warning, rather than end the run
+        at its first validation (and every resume after it)."""
+        cases = [evaluate.parse_case(str(case)) for case in run.val_cases]
         names, arrays, spacings = [], [], []
         for path in volume_paths(source):
             volume = read_or_skip(path, "validation")
             if volume is None:
                 continue
+            array = _centre_crop(volume.array, run.val_crop)
+            try:
+                for case in cases:
+                    evaluate.check_case_fits(array.shape[0], case, f"{path} (run.val_crop {run.val_crop})")
+            except InputError as error:
+                warnings.warn(f"skipping validation volume: {error}", TrainingDataWarning, stacklevel=2)
+                continue
             names.append(path.name)
-            arrays.append(_centre_crop(volume.array, run.val_crop))
+            arrays.append(array)
             spacings.append(volume.spacing[::-1])
         if not arrays:
-            raise DataSourceError(f"no usable validation volume in {source}")
-        return cls(names, arrays, spacings, [evaluate.parse_case(c) for c in run.val_cases], normalization)
+            raise DataSourceError(f"no usable validation volume in {source} (see the warnings above)")
+        return cls(names, arrays, spacings, cases, normalization)
 
     def evaluate(self, model, device) -> tuple[dict[str, float], np.ndarray]:
         """Scores per case (CycleINR's PSNR/SSIM on generated slices, gain over linear, SNLI
