@@ -78,6 +78,8 @@ def read_description(path: Path) -> dict:
         description = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as error:
         raise WeightsError(f"{path}: CycleINR description is not valid JSON ({error})") from None
+    if not isinstance(description, dict):
+        raise WeightsError(f"{path}: CycleINR description is not a JSON object")
     if description.get("format") != FORMAT_VERSION:
         raise WeightsError(f"{path}: weights format {description.get('format')!r}, this version reads {FORMAT_VERSION}")
     return description
@@ -119,3 +121,6 @@ def _check_tensors(path: Path, model: CycleINR, tensors: dict) -> None:
         problems.append(f"shape mismatch for {name}: file {tuple(tensors[name].shape)}, model {tuple(expected[name].shape)}")
     if problems:
         raise WeightsError(f"{path}: weights do not match their configuration: " + "; ".join(problems))
+    damaged = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if damaged:  # they would upsample to NaN, or to zeros once cast to an integer pixel type
+        raise WeightsError(f"{path}: weights hold NaN or infinite values ({len(damaged)} tensors, e.g. {damaged[0]})")

@@ -41,8 +41,16 @@ def _terminate_as_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        parser = build_parser()  # imports torch: seconds in which a cancel must not give a traceback
+    except KeyboardInterrupt:
+        print("cycleinr: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings; the checks here say what matters
+    args = parser.parse_args(argv)
     reporter = args.make_reporter(args)
     try:
         return args.run(args, reporter) or 0

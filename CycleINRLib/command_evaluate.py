@@ -90,6 +90,9 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
             axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
             name = _unique_name(path, names)
             volume_range = value_range or (float(volume.array.min()), float(volume.array.max()))
+            if not volume_range[1] > volume_range[0]:
+                raise InputError(f"{path}: every voxel is {volume_range[0]:g}; --range truth needs a truth with "
+                                 "more than one value (give --range LOW:HIGH)")
             ranges.append(volume_range)
             for degradation in args.degradation:
                 for result in evaluate_volume(volume.array, 2 - axis, volume.spacing[::-1], cases, methods,
@@ -121,6 +124,9 @@ def _draw(result, name: str, folder: Path) -> None:
                                reference=result.profiles["truth"]), folder / f"{stem}_noise.png")
 
 
+MAX_RANGE_WIDTH = 1e12
+
+
 def _parse_range(text: str) -> tuple[float, float] | None:
     """`ct`, `truth` (None: each volume's own) or `LOW:HIGH`."""
     if text == "ct":
@@ -133,6 +139,8 @@ def _parse_range(text: str) -> tuple[float, float] | None:
         raise InputError(f"--range {text!r} must be ct, truth or LOW:HIGH") from None
     if not high > low:
         raise InputError(f"--range {text}: HIGH must be greater than LOW")
+    if not high - low <= MAX_RANGE_WIDTH:  # also inf and nan; SSIM squares the width
+        raise InputError(f"--range {text}: LOW and HIGH must be finite and at most {MAX_RANGE_WIDTH:g} apart")
     return low, high
 
 
@@ -171,6 +179,9 @@ def _check_output_dir(path: Path, overwrite: bool) -> Path:
         raise InputError(f"{path}: exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise InputError(f"{path}: folder is not empty; pass --overwrite to replace the files evaluate writes there")
+    writable = path if path.is_dir() else path.parent
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: {writable} is not writable")
     return path
 
 
@@ -179,6 +190,10 @@ def _publish(staging: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         os.replace(staging, output_dir)
         return
+    folders = [item.name for item in staging.iterdir() if (output_dir / item.name).is_dir()]
+    if folders:  # refused before anything is replaced: no half-published results
+        raise InputError(f"{output_dir}: holds folders where evaluate writes files ({', '.join(folders)}); "
+                         "move them or choose another output folder")
     for item in staging.iterdir():
         os.replace(item, output_dir / item.name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -51,9 +52,11 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace, reporter: Reporter) -> int:
     started = time.perf_counter()
-    if not args.max_memory > 0:
-        raise InputError(f"--max-memory must be positive, not {args.max_memory:g}")
+    if not 0 < args.max_memory < float("inf"):
+        raise InputError(f"--max-memory must be a positive number of GB, not {args.max_memory:g}")
     output = check_output_path(args.output, args.overwrite)
+    if output.exists() and Path(args.input).exists() and os.path.samefile(output, args.input):
+        raise InputError(f"{output}: is the input; write the upsampled volume to another file")
     device = engine.resolve_device(args.device)
     model, weights = load_model(args.weights, device)
 

@@ -79,42 +79,49 @@ def _read_file(path: Path) -> sitk.Image:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
         raise InputError(f"{path}: cannot be read as an image ({reason[:160]})") from None
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+        _check_nifti_data(path)
     return image
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads a truncated NIfTI file without complaint and fills the missing voxels with
-    zeros (NRRD and MetaImage readers refuse one); a half-copied file must not pass for data."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+def _check_nifti_data(path: Path) -> None:
+    """ITK reads a truncated NIfTI file without complaint, filling the missing voxels with zeros,
+    and turns NaN voxels of a float NIfTI file into zeros (NRRD and MetaImage readers refuse
+    the first, keep the second for `validate_volume` to refuse): neither must pass for data."""
     try:
-        with opener(path, "rb") as handle:
-            header = handle.read(540)
-            needed = _nifti_data_end(header)
-            if needed is None:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as handle:
+            layout = _nifti_layout(handle.read(540))
+            if layout is None:
                 return  # not a header this check understands; ITK read it, so trust ITK
-            if opener is open:
-                handle.seek(0, os.SEEK_END)
-            else:  # a gzip stream's length is known only once decompressed
-                while handle.read(1 << 24):
-                    pass
-            available = handle.tell()
+            data_start, data_end, dtype = layout
+            handle.seek(data_start)
+            available, finite = data_start, True
+            while chunk := handle.read(1 << 24):  # a multiple of every item size
+                if dtype is not None and finite and available < data_end:
+                    values = np.frombuffer(chunk[:min(len(chunk), data_end - available) // dtype.itemsize * dtype.itemsize], dtype)
+                    finite = bool(np.isfinite(values).all())
+                available += len(chunk)
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: file is damaged or truncated ({error})") from None
-    if available < needed:
-        raise InputError(f"{path}: file is truncated: {available} of the {needed} bytes its header announces")
+    if available < data_end:
+        raise InputError(f"{path}: file is truncated: {available} of the {data_end} bytes its header announces")
+    if not finite:
+        raise InputError(f"{path}: volume contains NaN or infinite voxels")
 
 
-def _nifti_data_end(header: bytes) -> int | None:
-    """Offset of the end of the voxel data that a NIfTI-1 or NIfTI-2 header describes."""
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """Where the voxel data of a NIfTI-1 or NIfTI-2 header begin and end, and their dtype when
+    it is a float type (None otherwise); None for a header this does not understand."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
@@ -123,7 +130,9 @@ def _nifti_data_end(header: bytes) -> int | None:
     if not 0 < dims[0] <= 7 or bitpix <= 0:
         return None
     voxels = int(np.prod([max(1, n) for n in dims[1:dims[0] + 1]], dtype=np.int64))
-    return max(offset, 348) + voxels * bitpix // 8
+    start = max(offset, 348)
+    dtype = np.dtype(order + NIFTI_FLOAT_TYPES[datatype]) if datatype in NIFTI_FLOAT_TYPES else None
+    return start, start + voxels * bitpix // 8, dtype
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -179,12 +188,17 @@ def validate_volume(volume: Volume, name: str) -> Volume:
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[str, ...] = WRITABLE_SUFFIXES) -> Path:
-    """Refuse an output that exists (without overwrite), a missing folder or an unknown suffix."""
+    """Refuse an output that exists (without overwrite) or is a folder, a missing or read-only
+    folder, or an unknown suffix, before any work is done."""
     path = Path(path)
-    if not str(path).lower().endswith(suffixes):
-        raise InputError(f"{path}: output must end in {' or '.join(suffixes)}")
+    if not path.name.endswith(suffixes):  # in lower case: ITK takes .MHA for a header-and-data pair
+        raise InputError(f"{path}: output must end in {' or '.join(suffixes)} (lower case)")
     if not path.parent.resolve().is_dir():
         raise InputError(f"{path}: output folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output folder {path.parent} is not writable")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name")
     if path.exists() and not overwrite:
         raise InputError(f"{path}: output exists; pass --overwrite to replace it")
     return path
@@ -212,8 +226,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def partial_name(name: str) -> str:
-    """A hidden, unique name for `name` while it is being written (same suffix)."""
-    return f".partial-{uuid.uuid4().hex[:8]}-{name}"
+    """A hidden, unique name for `name` while it is being written (same suffix), within the
+    255 bytes a file name may have: the start of a long name gives way, not its suffix."""
+    prefix = f".partial-{uuid.uuid4().hex[:8]}-"
+    while len((prefix + name).encode()) > 255:
+        name = name[1:]
+    return prefix + name
 
 
 def to_pixel_type(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

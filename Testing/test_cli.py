@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from CycleINRLib.checkpoint import load_model, save_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THICK_SLICE_CT = "demo/lung-pet-ct-dx-a0002_chest_ct_8mm.nii.gz"
@@ -168,6 +173,18 @@ def _non_uniform_dicom_series(folder: Path) -> Path:
     return folder
 
 
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _nan_weights(path: Path) -> Path:
+    model, _ = load_model()
+    with torch.no_grad():
+        model.decoder.output.weight.fill_(float("nan"))
+    return save_model(model, path, trained=True)
+
+
 def _cut_short(path: Path) -> Path:
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) * 2 // 3])
@@ -185,6 +202,13 @@ def _cut_short(path: Path) -> Path:
         ("four_d", "a 3D volume is needed"),
         ("rgb", "vector/RGB"),
         ("nan", "NaN"),
+        ("nan_nifti", "NaN"),
+        ("output_upper_case", "(lower case)"),
+        ("output_is_folder", "is a folder"),
+        ("output_is_input", "is the input"),
+        ("empty_folder", "folder holds no DICOM series"),
+        ("max_memory_inf", "--max-memory must be a positive number of GB"),
+        ("weights_nan", "weights hold NaN or infinite values"),
         ("factor_one", "greater than 1"),
         ("factor_absurd", "maximum"),
         ("spacing_too_large", "not smaller"),
@@ -210,6 +234,15 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
         "four_d": lambda: [_time_series(tmp_path / "time.nii.gz"), output, "--factor", 2],
         "rgb": lambda: [_write(tmp_path, "rgb.mha", np.zeros((4, 8, 8, 3), np.uint8)), output, "--factor", 2],
         "nan": lambda: [_write(tmp_path, "nan.mha", np.full((4, 8, 8), np.nan, np.float32)), output, "--factor", 2],
+        # ITK alone reads NaN voxels of a NIfTI file as zeros.
+        "nan_nifti": lambda: [_write(tmp_path, "nan.nii.gz", np.where(volume == 0, np.nan, 1).astype(np.float32)), output,
+                              "--factor", 2],
+        "output_upper_case": lambda: [good, tmp_path / "out.MHA", "--factor", 2],
+        "output_is_folder": lambda: [good, _folder(tmp_path / "folder.nii.gz"), "--factor", 2, "--overwrite"],
+        "output_is_input": lambda: [good, good, "--factor", 2, "--overwrite"],
+        "empty_folder": lambda: [_folder(tmp_path / "empty"), output, "--factor", 2],  # ITK warns in 3 lines: silenced
+        "max_memory_inf": lambda: [good, output, "--factor", 2, "--max-memory", "inf"],
+        "weights_nan": lambda: [good, output, "--factor", 2, "--weights", _nan_weights(tmp_path / "nan.safetensors")],
         "factor_one": lambda: [good, output, "--factor", 1],
         "factor_absurd": lambda: [good, output, "--factor", 25],
         "spacing_too_large": lambda: [good, output, "--spacing", 6],
@@ -220,10 +253,20 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
         "bad_weights": lambda: [good, output, "--factor", 2, "--weights", good],
     }[case]()
     result = cycleinr("upsample", *arguments)
-    if case == "output_exists":
+    if case in ("output_exists", "output_is_folder", "output_is_input"):
         assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
         return
     assert_refused(result, Path(arguments[1]), fragment)
+
+
+def test_an_output_name_of_255_bytes_is_written(tmp_path):
+    """The hidden temporary name beside it must not exceed the file-name limit."""
+    good = _write(tmp_path, "good.nii.gz", np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8), (1.0, 1.0, 5.0))
+    output = tmp_path / ("a" * (255 - len(".nii.gz")) + ".nii.gz")
+    result = cycleinr("upsample", good, output, "--factor", 2, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert sitk.ReadImage(str(output)).GetSize() == (8, 8, 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([good.name, output.name])
 
 
 def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):

@@ -116,19 +116,41 @@ def test_snli_command_prints_one_json_object_and_plots(tmp_path):
 
 
 def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsys):
-    volume = tmp_path / "v.nii.gz"
-    write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), volume)
+    volume, constant = tmp_path / "v.nii.gz", tmp_path / "constant.nii.gz"
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), identity), volume)
+    write_volume(Volume(np.zeros((11, 16, 16), np.int16), (1.0, 1.0, 2.0), (0, 0, 0), identity), constant)
+    (tmp_path / "folder.png").mkdir()
     for arguments, reason in [
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "5:2"), "whole number"),
         (("evaluate", tmp_path / "missing.nii.gz", "-o", tmp_path / "out"), "no such file"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "9:3"), "greater than LOW"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:inf"), "finite and at most 1e+12 apart"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:1e308"), "finite and at most 1e+12 apart"),
+        (("evaluate", constant, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),
+         "every voxel is 0; --range truth needs a truth with more than one value"),
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "20:2"), "too few"),
         (("snli", volume, "--plot", tmp_path / "p.jpg"), "must end in .png"),
+        (("snli", volume, "--plot", tmp_path / "folder.png", "--overwrite"), "is a folder"),
     ]:
         assert main([str(a) for a in arguments]) == 2, arguments
         stderr = capsys.readouterr().err
         assert reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "folder.png", "v.nii.gz"]
+
+
+def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(tmp_path, capsys):
+    volume, out = tmp_path / "v.nii.gz", tmp_path / "out"
+    write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), volume)
+    (out / "results.md").mkdir(parents=True)
+    (out / "results.csv").write_text("an earlier result\n")
+    arguments = ["evaluate", str(volume), "-o", str(out), "--methods", "linear", "--cases", "2:2", "--overwrite"]
+    assert main(arguments) == 2
+    stderr = capsys.readouterr().err
+    assert "holds folders where evaluate writes files (results.md)" in stderr and len(stderr.strip().splitlines()) == 1
+    assert (out / "results.csv").read_text() == "an earlier result\n" and sorted(p.name for p in out.iterdir()) == [
+        "results.csv", "results.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.nii.gz"]  # no staging folder left
 
 
 def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
