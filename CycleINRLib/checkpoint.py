@@ -67,6 +67,8 @@ def read_description(path: Path) -> dict:
     """The JSON description of a weights file, with a one-line error for any defect."""
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
+    if not os.access(path, os.R_OK):
+        raise WeightsError(f"{path}: permission denied")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

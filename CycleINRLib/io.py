@@ -64,6 +64,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise InputError(f"{path}: permission denied")  # SimpleITK would say it does not exist
     image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise InputError(f"{path}: vector/RGB image with {image.GetNumberOfComponentsPerPixel()} components; a scalar volume is needed")
