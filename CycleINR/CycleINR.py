@@ -38,7 +38,7 @@ if str(LIBRARY_PARENT) not in sys.path:
 
 from CycleINRLib import geometry  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
 from CycleINRLib.errors import InputError  # noqa: E402
-from CycleINRJob import UpsampleJob, describeOutputGrid  # noqa: E402
+from CycleINRJob import UpsampleJob, checkRequest, describeOutputGrid, upsampledAxis  # noqa: E402
 
 # Import name -> requirement, for what the command line and the noise metrics need beyond
 # what Slicer ships (numpy and SimpleITK, which are never reinstalled) and torch.
@@ -373,18 +373,16 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
 
     def _prepareJob(self, inputVolumeNode, options: UpsampleOptions, outputVolumeNode) -> UpsampleJob:
         """Check the input, make sure the packages are there, and pick the device."""
-        self.checkInput(inputVolumeNode, options)
+        self.checkInput(inputVolumeNode, options, outputVolumeNode)
         if not self.ensureDependencies():
             raise UpsampleFailed("the required Python packages are not installed; nothing was started")
         options.device = self.resolveDevice(options.device)
         return UpsampleJob(inputVolumeNode, options, outputVolumeNode, self.pythonExecutable(), LIBRARY_PARENT)
 
-    def checkInput(self, volumeNode, options: UpsampleOptions) -> None:
+    def checkInput(self, volumeNode, options: UpsampleOptions, outputVolumeNode=None) -> None:
         """Refuse what the command line would refuse, before anything is written."""
+        checkRequest(volumeNode, options, outputVolumeNode)
         self.describeOutput(volumeNode, options)
-        if volumeNode.IsA("vtkMRMLLabelMapVolumeNode") or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
-            raise InputError(f"'{volumeNode.GetName()}' is a {volumeNode.GetClassName()}; "
-                             "a scalar (grey-value) volume is needed")
 
     @staticmethod
     def optionsFromParameters(parameters: CycleINRParameterNode) -> UpsampleOptions:
@@ -513,7 +511,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         """SNLI and mean noise of input and output as text, and a per-slice noise chart node."""
         from CycleINRResults import addNoisePlot, noiseLevels, summary
 
-        axis = geometry.slice_axis(tuple(inputVolumeNode.GetSpacing()), axis)
+        axis = upsampledAxis(inputVolumeNode, outputVolumeNode, axis)  # the output node records its run's
         inputLevels, outputLevels = noiseLevels(inputVolumeNode, axis), noiseLevels(outputVolumeNode, axis)
         text = summary(inputLevels, outputLevels)
         logging.info("Upsample slices, %s -> %s:\n%s", inputVolumeNode.GetName(), outputVolumeNode.GetName(), text)

@@ -5,6 +5,7 @@ folder is removed in every case (success, bad input, crash, cancel), and the sce
 changes once a complete output has been read back.
 """
 
+import math
 import shutil
 import sys
 import tempfile
@@ -12,10 +13,55 @@ from pathlib import Path
 from typing import Optional
 
 from CycleINRLib import geometry
-from CycleINRNodeIO import copyDisplay, readVolumeNode, writeVolumeNode
-from CycleINRProcess import ProgressCallback, UpsampleOptions, UpsampleProcess, upsampleCommand
+from CycleINRLib.errors import InputError
+from CycleINRLib.io import Volume, validate_volume
+from CycleINRNodeIO import alignAxes, arrayFromVolumeNode, copyDisplay, readVolumeNode, writeVolumeNode
+from CycleINRProcess import ProgressCallback, UpsampleCancelled, UpsampleOptions, UpsampleProcess, upsampleCommand
 
 AXIS_NAMES = ("I", "J", "K")
+DEVICES = ("auto", "cpu", "cuda", "mps", "gpu")  # gpu: the logic resolves it to cuda or mps
+SLICE_AXIS_ATTRIBUTE = "CycleINR.sliceAxis"  # on the output node: the IJK axis that was upsampled
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def checkRequest(inputNode, options: UpsampleOptions, outputNode=None) -> None:
+    """Refuse, before anything is written, what the command line would refuse later (naming the
+    node, not a temporary file), and an output node that would overwrite the input or could
+    not hold the result."""
+    if inputNode is None or not inputNode.IsA("vtkMRMLVolumeNode") or inputNode.GetImageData() is None:
+        raise InputError("Select an input volume that holds image data.")
+    name = inputNode.GetName()
+    if not inputNode.IsA("vtkMRMLScalarVolumeNode") or inputNode.IsA("vtkMRMLLabelMapVolumeNode") \
+            or inputNode.IsA("vtkMRMLVectorVolumeNode"):
+        raise InputError(f"'{name}' is a {inputNode.GetClassName()}; a scalar (grey-value) volume is needed")
+    try:
+        array = arrayFromVolumeNode(inputNode)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    validate_volume(Volume(array, tuple(inputNode.GetSpacing()), (0.0, 0.0, 0.0), IDENTITY), f"'{name}'")
+    if (options.factor is None) == (options.spacing is None):
+        raise InputError("give either an upsampling factor or a target slice spacing")
+    if options.device not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(DEVICES)}, not {options.device!r}")
+    if options.maxMemoryGB is not None and not 0 < options.maxMemoryGB < math.inf:
+        raise InputError(f"maxMemoryGB must be a positive number, not {options.maxMemoryGB!r}")
+    if outputNode is not None:
+        if outputNode is inputNode:
+            raise InputError("the output volume must not be the input volume")
+        if not outputNode.IsA("vtkMRMLScalarVolumeNode") or outputNode.IsA("vtkMRMLLabelMapVolumeNode") \
+                or outputNode.IsA("vtkMRMLVectorVolumeNode"):
+            raise InputError(f"output '{outputNode.GetName()}' is a {outputNode.GetClassName()}; "
+                             "a scalar volume node is needed")
+        if outputNode.GetScene() is not inputNode.GetScene():
+            raise InputError(f"output '{outputNode.GetName()}' is not in the input volume's scene")
+
+
+def upsampledAxis(inputNode, outputNode, axis=None) -> int:
+    """The IJK axis a run upsampled: `axis` if given, else what the output node records, else the
+    input's coarsest (what a run with axis None picks)."""
+    if axis is None and outputNode is not None and outputNode.GetAttribute(SLICE_AXIS_ATTRIBUTE) in ("0", "1", "2"):
+        axis = int(outputNode.GetAttribute(SLICE_AXIS_ATTRIBUTE))
+    return geometry.slice_axis(tuple(inputNode.GetSpacing()), axis)
 
 
 class UpsampleJob:
@@ -66,6 +112,9 @@ class UpsampleJob:
             self.start()
         try:
             self.process.wait(progressCallback)
+        except KeyboardInterrupt:  # Ctrl-C in Slicer's console: the process is stopped
+            self.cleanup()
+            raise UpsampleCancelled("upsampling was cancelled; nothing was written") from None
         except BaseException:
             self.cleanup()
             raise
@@ -77,8 +126,14 @@ class UpsampleJob:
 
     def _readOutput(self, path):
         scene = self.inputNode.GetScene()
+        if scene is None or scene.GetNodeByID(self.inputNode.GetID()) is not self.inputNode:
+            raise UpsampleCancelled(f"'{self.inputNode.GetName()}' left the scene during the run; nothing was added")
+        if self.outputNode is not None and self.outputNode.GetScene() is not scene:
+            raise UpsampleCancelled(f"output '{self.outputNode.GetName()}' left the scene during the run; nothing was added")
         name = scene.GenerateUniqueName(outputName(self.inputNode, self.options))
         node = readVolumeNode(path, scene, name, self.outputNode)
+        alignAxes(node, self.inputNode)
+        node.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(geometry.slice_axis(tuple(self.inputNode.GetSpacing()), self.options.axis)))
         node.SetAndObserveTransformNodeID(self.inputNode.GetTransformNodeID())
         copyDisplay(self.inputNode, node)
         self.outputNode = node

@@ -25,14 +25,41 @@ def readVolumeNode(path, scene, name: str, volumeNode=None):
 
     The node keeps no reference to the file, which is temporary.
     """
-    if volumeNode is None:
+    created = volumeNode is None
+    if created:
         volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storageNode.SetFileName(str(path))
     storageNode.SetSingleFile(1)  # never pull in numbered neighbours as a series
     if not storageNode.ReadData(volumeNode):
+        if created:  # no empty node left behind
+            scene.RemoveNode(volumeNode)
         raise OSError(f"could not read the upsampled volume from {path}")
     return volumeNode
+
+
+def alignAxes(volumeNode, referenceNode) -> None:
+    """Slicer's NRRD storage reads a volume with a left-handed IJK-to-RAS matrix back with the
+    index order of an axis reversed (the voxels stay where they are in RAS, the origin moves to
+    the other end); reverse such axes back, so that the node's origin and axis directions are the
+    reference's, as the output grid convention says."""
+    have, reference = ijkToRas(volumeNode), ijkToRas(referenceNode)
+    flipped = [axis for axis in range(3) if np.dot(have[:3, axis], reference[:3, axis]) < 0]
+    if not flipped:
+        return
+    dimensions = volumeNode.GetImageData().GetDimensions()
+    farCorner = np.array([dimensions[axis] - 1 if axis in flipped else 0 for axis in range(3)] + [1])
+    wanted = have.copy()
+    wanted[:, 3] = have @ farCorner
+    wanted[:3, flipped] *= -1
+    voxels = arrayFromVolumeNode(volumeNode)  # a view of the node's buffer, (k, j, i)
+    voxels[...] = np.flip(voxels, axis=tuple(2 - axis for axis in flipped)).copy()
+    volumeNode.GetImageData().GetPointData().GetScalars().Modified()
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, wanted[row, column])
+    volumeNode.SetIJKToRASMatrix(matrix)
 
 
 def copyDisplay(sourceNode, targetNode) -> None:

@@ -206,7 +206,8 @@ class UpsampleProcess:
             while not self.finished:
                 for event in self.poll():
                     if progressCallback is not None and event["event"] in ("progress", "done"):
-                        progressCallback(self.fraction, self.message)
+                        # this event's own state: a poll may have read several
+                        progressCallback(float(event.get("fraction", 1.0)), str(event.get("message", "done")))
                 time.sleep(interval)
         except BaseException:
             self.stop()

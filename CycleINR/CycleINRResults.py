@@ -69,7 +69,8 @@ def _addSeries(scene, levels: NoiseLevels, marker: int):
         for value in values:
             column.InsertNextValue(float(value))
         table.AddColumn(column)
-    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", levels.name)
+    # Not the volume's own name, which slicer.util.getNode would then find first.
+    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{levels.name} noise level"))
     series.SetAndObserveTableNodeID(table.GetID())
     series.SetXColumnName("position (mm)")
     series.SetYColumnName("noise level")

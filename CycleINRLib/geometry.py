@@ -10,6 +10,7 @@ matrix are unchanged. With integer r, output slices j = k * r coincide with acqu
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def factor_for_spacing(input_spacing: float, target_spacing: float) -> float:
 
 
 def check_factor(factor: float) -> float:
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor)):
+    if not (isinstance(factor, numbers.Real) and not isinstance(factor, bool) and math.isfinite(factor)):
         raise InputError(f"factor must be a number, not {factor!r}")
     if factor <= 1:
         raise InputError(f"factor must be greater than 1, not {factor:g}")

@@ -5,6 +5,7 @@ output slice must land where the grid convention puts it: output voxel (i, j, k)
 IJK coordinate (i, j, k / r), so its RAS position is input IJK-to-RAS applied to that.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -76,7 +77,20 @@ def temp_folders():
         assert run.folder is not None and not run.folder.exists(), f"{run.folder} was left behind"
 
 
-def test_every_output_slice_lies_where_the_convention_puts_it(oblique_mr, scene, temp_folders):
+@pytest.fixture
+def left_handed_mr(shared_data, scene):
+    """The same crop with its slice direction reversed: a left-handed IJK-to-RAS matrix, which
+    Slicer's NRRD storage reads back with the slice index order reversed."""
+    image = sitk.ReadImage(str(shared_data / MR_OBLIQUE))[110:150, 130:166, 8:15]
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    direction[:, 2] *= -1
+    image.SetDirection(direction.ravel().tolist())
+    return volume_node(scene, image, "pgbm crop")
+
+
+@pytest.mark.parametrize("volume", ["oblique_mr", "left_handed_mr"])
+def test_every_output_slice_lies_where_the_convention_puts_it(volume, request, scene, temp_folders):
+    oblique_mr = request.getfixturevalue(volume)
     factor = 2.5
     before = arrayFromVolumeNode(oblique_mr).copy()
     output = job(oblique_mr, temp_folders, factor=factor).wait()
@@ -167,3 +181,70 @@ def test_noise_levels_of_input_and_output_become_a_plot(oblique_mr, scene, temp_
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     rows = [chart.GetNthPlotSeriesNode(n).GetTableNode().GetNumberOfRows() for n in range(2)]
     assert rows == [7, 13]
+    names = [chart.GetNthPlotSeriesNode(n).GetName() for n in range(2)]
+    assert names == ["pgbm crop noise level", f"{output.GetName()} noise level"]  # getNode still finds the volumes
+
+
+def test_requests_that_would_fail_later_are_refused_before_anything_is_written(oblique_mr, scene):
+    from CycleINRJob import checkRequest
+
+    def node(array, className="vtkMRMLScalarVolumeNode", target=scene):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((1.0, 1.0, 5.0))
+        made = volume_node(target, image, "made")
+        if className != "vtkMRMLScalarVolumeNode":
+            other = target.AddNewNodeByClass(className, "other")
+            other.SetAndObserveImageData(made.GetImageData())
+            return other
+        return made
+
+    volumes = np.zeros((4, 8, 8), np.int16)
+    nan = np.ones((4, 8, 8), np.float32)
+    nan[1, 2, 3] = np.nan
+    factor = UpsampleOptions(factor=2.0, device="cpu")
+    for inputNode, options, outputNode, message in [
+        (None, factor, None, "Select an input volume that holds image data"),
+        (scene.AddNewNodeByClass("vtkMRMLModelNode"), factor, None, "Select an input volume that holds image data"),
+        (node(volumes, "vtkMRMLLabelMapVolumeNode"), factor, None, "a scalar (grey-value) volume is needed"),
+        (node(volumes[:1]), factor, None, "is 2D (a single slice)"),
+        (node(nan), factor, None, "contains NaN or infinite voxels"),
+        (oblique_mr, UpsampleOptions(device="cpu"), None, "give either an upsampling factor or a target slice spacing"),
+        (oblique_mr, UpsampleOptions(factor=2.0, spacing=2.0), None, "give either an upsampling factor or"),
+        (oblique_mr, UpsampleOptions(factor=2.0, device="tpu"), None, "device must be one of"),
+        (oblique_mr, UpsampleOptions(factor=2.0, maxMemoryGB=-1.0), None, "maxMemoryGB must be a positive number"),
+        (oblique_mr, factor, oblique_mr, "must not be the input volume"),
+        (oblique_mr, factor, node(volumes, "vtkMRMLLabelMapVolumeNode"), "a scalar volume node is needed"),
+        (oblique_mr, factor, node(volumes, target=slicer.vtkMRMLScene()), "is not in the input volume's scene"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            checkRequest(inputNode, options, outputNode)
+    checkRequest(oblique_mr, UpsampleOptions(factor=np.float32(2.5), device="gpu"))  # numpy numbers are numbers
+
+
+def test_an_input_gone_during_the_run_or_an_unreadable_result_adds_nothing(oblique_mr, scene, temp_folders):
+    for damage in ("remove the input", "garble the result"):
+        inputNode = volume_node(scene, sitk.GetImageFromArray(arrayFromVolumeNode(oblique_mr).copy()), damage)
+        run = job(inputNode, temp_folders, factor=2.0)
+        run.start()
+        while not run.finished:
+            run.poll()
+        nodes = scene.GetNumberOfNodes()
+        if damage == "remove the input":
+            scene.RemoveNode(inputNode)
+            nodes -= 1
+            with pytest.raises(UpsampleCancelled, match="left the scene during the run; nothing was added"):
+                run.finish()
+        else:
+            (run.folder / "output.nrrd").write_bytes(b"not a volume any more")  # a full disk, a cleaner
+            with pytest.raises(OSError, match="could not read the upsampled volume"):
+                run.finish()
+        assert scene.GetNumberOfNodes() == nodes
+
+
+def test_the_output_records_the_axis_that_was_upsampled(oblique_mr, scene, temp_folders):
+    from CycleINRJob import upsampledAxis
+
+    output = job(oblique_mr, temp_folders, factor=2.0, axis=0).wait()
+    assert output.GetImageData().GetDimensions()[0] == geometry.output_slice_count(40, 2.0)
+    assert upsampledAxis(oblique_mr, output) == 0 and upsampledAxis(oblique_mr, output, 1) == 1
+    assert upsampledAxis(oblique_mr, None) == 2  # the coarsest, as a run with axis None picks
