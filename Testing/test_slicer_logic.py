@@ -1,0 +1,97 @@
+"""The module's logic class (CycleINR/CycleINR.py) on real MRML, called as in Slicer's console.
+
+Outside Slicer there is no Qt and no scripted-module base classes (the slicer-core package has
+neither), so this stands in minimal ones for `qt`, `slicer.ScriptedLoadableModule` and
+`slicer.parameterNodeWrapper`, which the logic's code path does not use; the logic, the job, the
+process, the command line and MRML are the real ones.
+"""
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="needs real MRML from the slicer-core package")
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "CycleINR"))
+
+from CycleINRLib.errors import InputError  # noqa: E402
+from CycleINRNodeIO import arrayFromVolumeNode, ijkToRas  # noqa: E402
+from CycleINRProcess import UpsampleCancelled  # noqa: E402
+from test_slicer_nodes import MR_OBLIQUE, volume_node  # noqa: E402
+
+
+def _stand_ins() -> dict:
+    """Modules Slicer's application provides and slicer-core does not."""
+    qt = types.ModuleType("qt")
+    qt.QTimer = type("QTimer", (), {})
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+        setattr(base, name, type(name, (), {"__init__": lambda self, *args: None}))
+    base.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self, *args: None})
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.WithinRange = lambda low, high: (low, high)
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    return {"qt": qt, "slicer.ScriptedLoadableModule": base, "slicer.parameterNodeWrapper": wrapper}
+
+
+@pytest.fixture(scope="module")
+def logic():
+    stand_ins = _stand_ins()
+    saved = {name: sys.modules.get(name) for name in [*stand_ins, "CycleINR"]}
+    sys.modules.update(stand_ins)
+    try:
+        import CycleINR
+
+        yield CycleINR.CycleINRLogic()
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()  # held by the test: a node does not keep its scene alive
+
+
+@pytest.fixture
+def mr_crop(shared_data, scene):
+    image = sitk.ReadImage(str(shared_data / MR_OBLIQUE))[110:150, 130:166, 8:15]
+    return volume_node(scene, image, "pgbm crop")
+
+
+def test_the_documented_console_call_and_its_noise_comparison(logic, scene, mr_crop):
+    before = arrayFromVolumeNode(mr_crop).copy()
+    output = logic.upsample(mr_crop, factor=2.0, axis=0, device="cpu")
+    assert output.GetName() == "pgbm crop x2" and output.GetImageData().GetDimensions() == (79, 36, 7)
+    np.testing.assert_allclose(ijkToRas(output)[:, 1:], ijkToRas(mr_crop)[:, 1:])  # only the I axis is finer
+    text, chart = logic.compareNoise(mr_crop, output)  # along I, the axis the output records
+    assert text.startswith("SNLI: input") and chart.GetNumberOfPlotSeriesNodes() == 2
+    assert chart.GetNthPlotSeriesNode(1).GetTableNode().GetNumberOfRows() == 79
+    np.testing.assert_array_equal(arrayFromVolumeNode(mr_crop), before)
+    assert scene.GetFirstNodeByName("pgbm crop") is mr_crop
+
+
+def test_bad_requests_and_ctrl_c_leave_the_scene_as_it_was(logic, scene, mr_crop):
+    before = arrayFromVolumeNode(mr_crop).copy()
+    nodes = scene.GetNumberOfNodes()
+    for settings, message in [({"factor": 2.0, "spacing": 2.0}, "give either an upsampling factor"),
+                              ({"factor": 2.0, "outputVolumeNode": mr_crop}, "must not be the input volume"),
+                              ({"factor": 2.0, "device": "tpu"}, "device must be one of")]:
+        with pytest.raises(InputError, match=message):
+            logic.upsample(mr_crop, **settings)
+
+    def interrupt(fraction, message):
+        raise KeyboardInterrupt
+
+    with pytest.raises(UpsampleCancelled):
+        logic.upsample(mr_crop, factor=2.0, device="cpu", progressCallback=interrupt)
+    assert scene.GetNumberOfNodes() == nodes
+    np.testing.assert_array_equal(arrayFromVolumeNode(mr_crop), before)
