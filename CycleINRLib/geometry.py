@@ -51,7 +51,7 @@ def check_factor(factor: float) -> float:
     if factor <= 1:
         raise InputError(f"factor must be greater than 1, not {factor:g}")
     if factor > MAX_FACTOR:
-        raise InputError(f"factor {factor:g} is larger than the supported maximum {MAX_FACTOR:g}")
+        raise InputError(f"factor {factor:.10g} is larger than the supported maximum {MAX_FACTOR:g}")
     return float(factor)
 
 
