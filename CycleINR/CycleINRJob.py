@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Optional
 
 from CycleINRLib import geometry
+from CycleINRLib.config import DEVICES as LIBRARY_DEVICES
 from CycleINRLib.errors import InputError
 from CycleINRLib.io import Volume, validate_volume
 from CycleINRNodeIO import alignAxes, arrayFromVolumeNode, copyDisplay, readVolumeNode, writeVolumeNode
 from CycleINRProcess import ProgressCallback, UpsampleCancelled, UpsampleOptions, UpsampleProcess, upsampleCommand
 
 AXIS_NAMES = ("I", "J", "K")
-DEVICES = ("auto", "cpu", "cuda", "mps", "gpu")  # gpu: the logic resolves it to cuda or mps
+DEVICES = (*LIBRARY_DEVICES, "gpu")  # gpu: the logic resolves it to cuda or mps
 SLICE_AXIS_ATTRIBUTE = "CycleINR.sliceAxis"  # on the output node: the IJK axis that was upsampled
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 

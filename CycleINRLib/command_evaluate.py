@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from .baselines import BASELINES
+from .config import DEVICES
 from .degrade import DEGRADATIONS
 from .errors import InputError
 from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
@@ -53,7 +54,7 @@ def register(commands) -> None:
                         help="clip values to this range before PSNR/SSIM, its width being the data range; "
                         "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
     parser.add_argument("--weights", help="weights file for cycleinr (.safetensors); default: the bundled CT weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="for cycleinr")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="for cycleinr")
     parser.add_argument("--flip-ensemble", action="store_true",
                         help="cycleinr methods average two passes, the second over the slice-reversed input "
                              "(as `cycleinr upsample --flip-ensemble`; twice the time)")

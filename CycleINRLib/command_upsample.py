@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import engine, geometry
 from .checkpoint import load_model
+from .config import DEVICES
 from .errors import InputError
 from .io import check_output_path, read_volume, write_volume
 from .progress import Reporter
@@ -30,7 +31,7 @@ def register(commands) -> None:
     amount.add_argument("--spacing", type=float, help="target slice spacing in mm (smaller than the input's)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--weights", help="weights file (.safetensors); default: the bundled CT weights")
     parser.add_argument("--keep-acquired-slices", action=argparse.BooleanOptionalAction, default=True,
                         help="copy acquired slices verbatim where output slices coincide with them (default: on)")

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what `--device`, `run.device` and the Slicer logic accept
+
 
 @dataclass(frozen=True)
 class Normalization:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import geometry, noise_matching
+from .config import DEVICES
 from .errors import InputError, UpsampleCancelled
 from .io import Volume, to_pixel_type
 from .models import CycleINR
@@ -49,8 +50,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise InputError("device cuda requested but no CUDA GPU is available to torch")
     if name == "mps" and not torch.backends.mps.is_available():
         raise InputError("device mps requested but Apple MPS is not available to torch")
-    if name not in ("cpu", "cuda", "mps"):
-        raise InputError(f"device must be auto, cpu, cuda or mps, not {name!r}")
+    if name not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(DEVICES)}, not {name!r}")
     return torch.device(name)
 
 

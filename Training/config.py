@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from CycleINRLib.checkpoint import WeightsError, read_description
-from CycleINRLib.config import NAMED_CONFIGS, ModelConfig, typed_setting
+from CycleINRLib.config import DEVICES, NAMED_CONFIGS, ModelConfig, typed_setting
 from CycleINRLib.degrade import DEGRADATIONS
 from CycleINRLib.errors import InputError
 from CycleINRLib.evaluate import parse_case
@@ -119,7 +119,6 @@ class RunConfig:
                 raise ValueError(f"val_cases: {error}") from None
 
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 MIN_VAL_CROP = 8  # SSIM's 7 x 7 window needs that much in-plane; fewer slices fail a case's own check
 
 

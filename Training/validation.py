@@ -38,7 +38,8 @@ class ValidationSet:
         at its first validation (and every resume after it)."""
         cases = [evaluate.parse_case(str(case)) for case in run.val_cases]
         names, arrays, spacings = [], [], []
-        for path in volume_paths(source):
+        paths = volume_paths(source)
+        for path in paths:
             volume = read_or_skip(path, "validation")
             if volume is None:
                 continue
@@ -53,7 +54,8 @@ class ValidationSet:
             arrays.append(array)
             spacings.append(volume.spacing[::-1])
         if not arrays:
-            raise DataSourceError(f"no usable validation volume in {source} (see the warnings above)")
+            raise DataSourceError(f"no usable validation volume in {source} "
+                                  f"({'see the warnings above' if paths else 'no volume files there'})")
         return cls(names, arrays, spacings, cases, normalization)
 
     def evaluate(self, model, device) -> tuple[dict[str, float], np.ndarray]:
