@@ -7,6 +7,7 @@ SIGTERM (how a GUI cancels) leaves no partial output and exits 130.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 
@@ -17,12 +18,23 @@ EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 
 
+class _UsageError(Exception):
+    pass
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) rather than a usage dump."""
 
     def error(self, message: str):  # noqa: D401 - argparse hook
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _json_progress_requested(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Whether a GUI asked a command that has JSON lines for them, also where the arguments
+    failed to parse (argparse takes any unambiguous prefix of an option)."""
+    command = parser.command_parsers.get(argv[0]) if argv else None
+    return (command is not None and command.get_default("json_progress") is not None
+            and any(len(argument) > 3 and "--json-progress".startswith(argument) for argument in argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     for module in (command_upsample, command_snli, command_evaluate):
         module.register(commands)
+    parser.command_parsers = commands.choices
     return parser
 
 
@@ -50,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings; the checks here say what matters
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as error:
+        if _json_progress_requested(parser, sys.argv[1:] if argv is None else argv):
+            print(json.dumps({"event": "error", "message": str(error)}), flush=True)
+        print(error, file=sys.stderr)
+        return EXIT_BAD_INPUT
     reporter = args.make_reporter(args)
     try:
         return args.run(args, reporter) or 0

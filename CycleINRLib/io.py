@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import sys
+import tempfile
 import uuid
 import zlib
 from contextlib import contextmanager
@@ -75,14 +77,38 @@ def read_volume(path: str | os.PathLike) -> Volume:
 
 
 def _read_file(path: Path) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
-        raise InputError(f"{path}: cannot be read as an image ({reason[:160]})") from None
+    with _native_stderr_captured() as native_messages:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            image, reason = None, str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
+    if image is None:
+        # MetaIO prints the real cause (a missing data file, short data) to stderr and ITK's
+        # exception then names a stale errno, "No such file or directory", for a file that exists
+        reason = " ".join(" ".join(native_messages).split()) or reason
+        raise InputError(f"{path}: cannot be read as an image ({reason[:160]})")
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_data(path)
     return image
+
+
+@contextmanager
+def _native_stderr_captured() -> Iterator[list[str]]:
+    """Hold what C++ readers write straight to file descriptor 2 (past SimpleITK's warning
+    switch), so that a bad file gives one line, not the reader's lines and then ours; yields a
+    list that holds the captured lines once the block has ended."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines.extend(capture.read(4096).decode(errors="replace").splitlines())
 
 
 def _check_nifti_data(path: Path) -> None:

@@ -65,9 +65,11 @@ def noise_amplitude_spectrum(low: np.ndarray, levels: np.ndarray) -> np.ndarray:
     +-3 noise levels, reconstructed without the approximation band.
     """
     power = np.zeros((low.shape[1], low.shape[2] // 2 + 1))
+    # fewer scales in a slice too small for two: coarser ones would be all boundary
+    scales = min(DETAIL_LEVELS, pywt.dwt_max_level(min(low.shape[1:]), metrics.NOISE_WAVELET))
     for plane, level in zip(low, levels):  # one slice at a time: no volume-sized float64 copy
         plane = plane.astype(np.float64)
-        coefficients = pywt.wavedec2(plane, metrics.NOISE_WAVELET, level=DETAIL_LEVELS)
+        coefficients = pywt.wavedec2(plane, metrics.NOISE_WAVELET, level=scales)
         noise_only = [np.zeros_like(coefficients[0])] + [
             tuple(np.clip(band, -NOISE_CLIP * level, NOISE_CLIP * level) for band in details)
             for details in coefficients[1:]

@@ -1,6 +1,6 @@
 """Progress reporting for the command line: a bar on a terminal, JSON lines for a GUI.
 
-JSON protocol (one object per line on stdout, see README "Driving the CLI from a GUI"):
+JSON protocol (one object per line on stdout, see README "Upsampling your own volume", `--json-progress`):
   {"event": "progress", "fraction": 0.42, "stage": "upsample", "message": "tile 3/8"}
   {"event": "warning", "message": "..."}
   {"event": "error", "message": "..."}            (then exit code 2 for bad input, 1 otherwise)

@@ -185,6 +185,13 @@ def _nan_weights(path: Path) -> Path:
     return save_model(model, path, trained=True)
 
 
+def _without_data_file(header: Path) -> Path:
+    """A MetaImage header whose .raw/.zraw beside it was not copied."""
+    for data in header.parent.glob(header.stem + ".*raw"):
+        data.unlink()
+    return header
+
+
 def _cut_short(path: Path) -> Path:
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) * 2 // 3])
@@ -198,6 +205,8 @@ def _cut_short(path: Path) -> Path:
         ("unreadable", "cannot be read"),
         ("truncated_nifti", "file is damaged or truncated"),
         ("truncated_plain_nifti", "file is truncated: "),
+        ("mhd_without_data", "Cannot open data file"),  # MetaIO's own message, not its stale errno
+        ("truncated_mha", "data not read completely"),
         ("two_d", "a 3D volume is needed"),
         ("four_d", "a 3D volume is needed"),
         ("rgb", "vector/RGB"),
@@ -230,6 +239,9 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
         # ITK alone reads a NIfTI file cut short (a copy interrupted) with zeros for the missing voxels.
         "truncated_nifti": lambda: [_cut_short(_write(tmp_path, "cut.nii.gz", noise, (1.0, 1.0, 5.0))), output, "--factor", 2],
         "truncated_plain_nifti": lambda: [_cut_short(_write(tmp_path, "cut.nii", noise, (1.0, 1.0, 5.0))), output, "--factor", 2],
+        "mhd_without_data": lambda: [_without_data_file(_write(tmp_path, "header.mhd", volume, (1.0, 1.0, 5.0))), output,
+                                     "--factor", 2],
+        "truncated_mha": lambda: [_cut_short(_write(tmp_path, "cut.mha", noise, (1.0, 1.0, 5.0))), output, "--factor", 2],
         "two_d": lambda: [_write(tmp_path, "flat.nii.gz", np.zeros((8, 8), np.int16)), output, "--factor", 2],
         "four_d": lambda: [_time_series(tmp_path / "time.nii.gz"), output, "--factor", 2],
         "rgb": lambda: [_write(tmp_path, "rgb.mha", np.zeros((4, 8, 8, 3), np.uint8)), output, "--factor", 2],
@@ -257,6 +269,23 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
         assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
         return
     assert_refused(result, Path(arguments[1]), fragment)
+
+
+@pytest.mark.parametrize("command, options", [
+    ("upsample", ["--json-progress", "in.nii.gz"]),  # the output missing
+    ("upsample", ["in.nii.gz", "out.nii.gz", "--json-progress", "--bogus"]),  # refused by the top-level parser
+    ("evaluate", ["--json", "in.nii.gz", "-o", "out", "--device", "tpu"]),  # a prefix of it
+    ("snli", ["in.nii.gz", "--json", "--bogus"]),  # its --json is its result's format: no event
+])
+def test_a_usage_error_reaches_a_gui_as_a_json_error_event(command, options, tmp_path):
+    result = cycleinr(command, *options)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    if command == "snli":
+        assert events == []
+        return
+    assert [event["event"] for event in events] == ["error"]
+    assert events[0]["message"] == result.stderr.strip()
 
 
 def test_an_output_name_of_255_bytes_is_written(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,18 @@ def test_same_seed_same_noise_and_nothing_added_to_noise_free_slices(thin_ct):
     untouched = upsampled.copy()
     add_missing_noise(upsampled, ramp, 2.0)
     assert np.array_equal(upsampled, untouched)
+
+
+@pytest.mark.parametrize("side", [8, 3])
+def test_slices_too_small_for_two_wavelet_scales_without_warnings(thin_ct, side):
+    """A few-voxel-wide input (a thumbnail, a cropped test case) must not make PyWavelets warn;
+    one wavelet scale (8 x 8) still measures and shapes noise."""
+    low = degrade(thin_ct, 2)[:, 40:40 + side, 40:40 + side].copy()
+    linear = interpolate(low, 2.0, method="linear")
+    matched = linear.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add_missing_noise(matched, low, 2.0)
+    assert np.isfinite(matched).all()
+    assert np.array_equal(matched[::2], linear[::2])
+    assert (not np.array_equal(matched, linear)) == (side == 8)
