@@ -157,6 +157,7 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._starting = False  # Apply's checks and installs run; pip keeps the GUI responsive meanwhile
         self._lastInput = None
         self._lastOutput = None
         self._timer = qt.QTimer()
@@ -180,14 +181,22 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._timer.stop()
         if self._job is not None:
             self._job.process.stop()
             self._job.cleanup()
+            self._job = None
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        self._showDevices()
+
+    def _showDevices(self) -> None:
+        try:
+            self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        except Exception as error:  # noqa: BLE001 - a broken PyTorch must not break the panel
+            self.ui.deviceInfoLabel.text = f"PyTorch cannot be loaded: {error}"
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -198,6 +207,9 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:
             self._job.cancel()  # its input is about to go; the run ends as cancelled
+        self._lastInput = self._lastOutput = None  # node IDs restart after a close: never compare stale ones
+        self.ui.showViewsButton.enabled = False
+        self.ui.resultsLabel.text = ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -207,9 +219,9 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-                self._parameterNode.inputVolume = firstVolumeNode
+            scalarVolumes = (node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                             if node.GetClassName() == "vtkMRMLScalarVolumeNode")  # not label maps, vector volumes
+            self._parameterNode.inputVolume = next(scalarVolumes, None)
 
     def setParameterNode(self, inputParameterNode: Optional[CycleINRParameterNode]) -> None:
         if self._parameterNode:
@@ -236,7 +248,7 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except (InputError, ValueError) as error:
             self.ui.readoutLabel.text = str(error)
             ready = False
-        if self._job is None:
+        if self._job is None and not self._starting:
             self.ui.applyButton.enabled = ready
 
     def onApplyButton(self) -> None:
@@ -244,14 +256,22 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             self._setStatus("Cancelling...")
             return
+        if self._starting:
+            return
+        self._starting = True
+        self.ui.applyButton.enabled = False
+        self._setStatus("Checking the Python packages...")
         try:
             self._start()
         except Exception as error:  # noqa: BLE001 - every failure is shown in the panel
             self._showError(error)
+        finally:
+            self._starting = False
+            self._showDevices()  # PyTorch may have been installed just now
+            self._updateReadout()
 
     def _start(self) -> None:
         parameters = self._parameterNode
-        self._lastInput = parameters.inputVolume
         self._job = self.logic.startUpsample(parameters.inputVolume, self.logic.optionsFromParameters(parameters),
                                              parameters.outputVolume)
         self._setRunning(True)
@@ -260,9 +280,12 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPoll(self) -> None:
         job = self._job
-        if job.poll():
-            self.ui.progressBar.value = int(round(100 * job.process.fraction))
-            self._setStatus(job.process.message)
+        try:
+            if job.poll():
+                self.ui.progressBar.value = int(round(100 * job.process.fraction))
+                self._setStatus(job.process.message)
+        except Exception as error:  # noqa: BLE001 - an event it cannot read must not stall the panel
+            logging.error("Upsample slices: cannot read the process's progress: %s", error)
         if job.finished:
             self._timer.stop()
             self._job = None
@@ -272,13 +295,14 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _finish(self, job: UpsampleJob) -> None:
         try:
             outputNode = job.finish()
-        except UpsampleCancelled:
-            self._setStatus("Cancelled; the scene is unchanged.")
+        except UpsampleCancelled as cancelled:
+            reason = str(cancelled)
+            self._setStatus(f"{reason[:1].upper()}{reason[1:]}; the scene is unchanged.")
             return
         except Exception as error:  # noqa: BLE001
             self._showError(error)
             return
-        self._lastOutput = outputNode
+        self._lastInput, self._lastOutput = job.inputNode, outputNode
         self._showResults(job, outputNode)
 
     def _showResults(self, job: UpsampleJob, outputNode) -> None:
@@ -296,6 +320,10 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showViewsButton.enabled = True
 
     def onShowViewsButton(self) -> None:
+        if any(node is None or node.GetScene() is not slicer.mrmlScene for node in (self._lastInput, self._lastOutput)):
+            self.ui.showViewsButton.enabled = False
+            self._setStatus("The last run's input or output is no longer in the scene.")
+            return
         self.logic.showComparisonViews(self._lastInput, self._lastOutput)
 
     def _setRunning(self, running: bool) -> None:
@@ -459,11 +487,14 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
 
     def _install(self, requirements: list) -> None:
         """pip-install after one confirmation listing `requirements`; Slicer's numpy and SimpleITK stay pinned."""
-        packaging = self._slicerPackaging()
+        slicerPackaging = self._slicerPackaging()
         with tempfile.TemporaryDirectory(prefix="CycleINR-") as folder:
             constraints = self._writeBundledConstraints(os.path.join(folder, "constraints.txt"))
-            if packaging is not None:  # it asks for confirmation itself
-                packaging.pip_ensure(requirements, requester="Upsample slices (CycleINR)", constraints=constraints)
+            if slicerPackaging is not None:  # it asks for confirmation itself
+                from packaging.requirements import Requirement
+
+                slicerPackaging.pip_ensure([Requirement(requirement) for requirement in requirements],
+                                     requester="Upsample slices (CycleINR)", constraints=constraints)
             elif slicer.util.confirmOkCancelDisplay(
                     "Upsample slices needs these Python packages, which will be downloaded and installed now:\n"
                     + "\n".join(requirements), windowTitle="Upsample slices"):

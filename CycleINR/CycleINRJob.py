@@ -76,6 +76,7 @@ class UpsampleJob:
         self.libraryParent = libraryParent
         self.process = None
         self.folder = None
+        self.goneMessage = None  # why the run was cancelled when its input or output node left the scene
 
     def start(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="CycleINR-"))
@@ -90,6 +91,11 @@ class UpsampleJob:
             raise
 
     def poll(self) -> list:
+        """The process's new events; a run whose input or output node left the scene is cancelled."""
+        if self.goneMessage is None:
+            self.goneMessage = self._nodeGoneMessage()
+            if self.goneMessage is not None:
+                self.process.cancel()
         return self.process.poll()
 
     @property
@@ -102,7 +108,10 @@ class UpsampleJob:
     def finish(self):
         """Read the result into the output node (created now) and remove the temporary files."""
         try:
-            result = self.process.outcome()
+            try:
+                result = self.process.outcome()
+            except UpsampleCancelled:
+                raise UpsampleCancelled(self.goneMessage or "upsampling was cancelled; nothing was written") from None
             return self._readOutput(result["output"])
         finally:
             self.cleanup()
@@ -125,12 +134,19 @@ class UpsampleJob:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _readOutput(self, path):
+    def _nodeGoneMessage(self) -> Optional[str]:
         scene = self.inputNode.GetScene()
         if scene is None or scene.GetNodeByID(self.inputNode.GetID()) is not self.inputNode:
-            raise UpsampleCancelled(f"'{self.inputNode.GetName()}' left the scene during the run; nothing was added")
+            return f"'{self.inputNode.GetName()}' left the scene during the run; nothing was added"
         if self.outputNode is not None and self.outputNode.GetScene() is not scene:
-            raise UpsampleCancelled(f"output '{self.outputNode.GetName()}' left the scene during the run; nothing was added")
+            return f"output '{self.outputNode.GetName()}' left the scene during the run; nothing was added"
+        return None
+
+    def _readOutput(self, path):
+        gone = self._nodeGoneMessage()
+        if gone is not None:
+            raise UpsampleCancelled(gone)
+        scene = self.inputNode.GetScene()
         name = scene.GenerateUniqueName(outputName(self.inputNode, self.options))
         node = readVolumeNode(path, scene, name, self.outputNode)
         alignAxes(node, self.inputNode)

@@ -4,6 +4,10 @@ The model runs outside Slicer so that an out-of-memory kill or a crash in torch 
 the application and the user's scene down. This file needs only the standard library: the
 blocking scripting call and the panel's timer both use `UpsampleProcess`, and pytest runs
 it against the real command line.
+
+Slicer's `PythonSlicer` is a launcher that runs the real interpreter as its child and does not
+pass signals on, so the process runs in a group of its own and a cancel or kill goes to the
+whole group; "finished" means that every process holding its output has ended.
 """
 
 import json
@@ -23,6 +27,9 @@ EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 CANCEL_GRACE_SECONDS = 10.0  # after SIGTERM, before the process is killed outright
 STDERR_TAIL_LINES = 40
+HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)  # Windows has no SIGKILL; its group kill is hard anyway
+OUT_OF_MEMORY_HINT = ("the system ends processes this way when memory runs out; try a smaller memory budget "
+                      "or the CPU")
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -129,9 +136,11 @@ class UpsampleProcess:
 
     def start(self) -> None:
         logging.info("Running: %s", subprocess.list2cmdline(self.command))
+        ownGroup = {"start_new_session": True} if os.name == "posix" \
+            else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self._process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, encoding="utf-8", errors="replace", env=self._environment())
+            text=True, encoding="utf-8", errors="replace", env=self._environment(), **ownGroup)
         self._readers = [
             threading.Thread(target=self._read, args=(self._process.stdout, self._lines.put), daemon=True),
             threading.Thread(target=self._read, args=(self._process.stderr, self._stderr.append), daemon=True),
@@ -158,9 +167,21 @@ class UpsampleProcess:
 
     @property
     def finished(self) -> bool:
-        """The process has exited and every line it printed has been polled."""
-        return (self._process is not None and self._process.poll() is not None
-                and not any(reader.is_alive() for reader in self._readers) and self._lines.empty())
+        """The process and its children have exited and every line they printed has been polled."""
+        return self._process is not None and not self._alive() and self._lines.empty()
+
+    def _alive(self) -> bool:
+        """The process runs, or a child of it still holds its output (a launcher's interpreter)."""
+        return self._process.poll() is None or any(reader.is_alive() for reader in self._readers)
+
+    def _signalGroup(self, signum) -> None:
+        if os.name != "posix":  # no SIGTERM for a process tree there: end it outright
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._process.pid)], capture_output=True)
+            return
+        try:
+            os.killpg(self._process.pid, signum)
+        except ProcessLookupError:
+            pass  # the whole group has ended
 
     def poll(self) -> list:
         """The events printed since the last poll; also enforces the cancel deadline."""
@@ -173,9 +194,10 @@ class UpsampleProcess:
             if event is not None:
                 self._record(event)
                 events.append(event)
-        if self._killDeadline is not None and time.monotonic() > self._killDeadline and self._process.poll() is None:
+        if self._killDeadline is not None and time.monotonic() > self._killDeadline and self._alive():
             logging.warning("cycleinr did not stop within %g s of the cancel request; killing it", CANCEL_GRACE_SECONDS)
-            self._process.kill()
+            self._killDeadline = None
+            self._signalGroup(HARD_KILL)
         return events
 
     def _record(self, event: dict) -> None:
@@ -194,11 +216,11 @@ class UpsampleProcess:
 
     def cancel(self) -> None:
         """Ask the process to stop (SIGTERM: it removes its partial output); killed if it lingers."""
-        if self._process is None or self._process.poll() is not None or self._cancelRequested:
+        if self._process is None or not self._alive() or self._cancelRequested:
             return
         self._cancelRequested = True
         self._killDeadline = time.monotonic() + CANCEL_GRACE_SECONDS
-        self._process.terminate()
+        self._signalGroup(signal.SIGTERM)
 
     def wait(self, progressCallback: Optional[ProgressCallback] = None, interval: float = 0.1) -> dict:
         """Block until the process ends; returns the "done" event or raises."""
@@ -217,11 +239,12 @@ class UpsampleProcess:
     def stop(self) -> None:
         """Cancel and wait for the process to be gone (killed if it ignores the request)."""
         self.cancel()
-        try:
-            self._process.wait(CANCEL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._alive():
+            self._signalGroup(HARD_KILL)
+        self._process.wait()
 
     def outcome(self) -> dict:
         """The "done" event of a finished process, or the reason there is none."""
@@ -242,9 +265,9 @@ class UpsampleProcess:
             return self.errorMessage
         if code is not None and code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            hint = " (the system ends processes this way when memory runs out; try a smaller " \
-                   "memory budget or the CPU)" if -code == getattr(signal, "SIGKILL", None) else ""
+            hint = f" ({OUT_OF_MEMORY_HINT})" if -code == getattr(signal, "SIGKILL", None) else ""
             return f"the upsampling process was killed by signal {name}{hint}"
         lastLine = next((line for line in reversed(self._stderr) if line.strip()), "")
-        reason = f": {lastLine.strip()}" if lastLine else ""
+        # through Slicer's launcher a killed interpreter shows as a silent exit code 1
+        reason = f": {lastLine.strip()}" if lastLine else f" and printed nothing (if it was killed, {OUT_OF_MEMORY_HINT})"
         return f"the upsampling process stopped with exit code {code}{reason}"

@@ -241,6 +241,26 @@ def test_an_input_gone_during_the_run_or_an_unreadable_result_adds_nothing(obliq
         assert scene.GetNumberOfNodes() == nodes
 
 
+@pytest.mark.parametrize("removed", ["input", "output"])
+def test_a_node_removed_while_the_run_goes_on_cancels_it_at_the_next_poll(oblique_mr, scene, temp_folders, removed):
+    """The user deletes the input or the chosen output volume: the run stops then, not at its end,
+    and the panel says why rather than "cancelled"."""
+    inputNode = volume_node(scene, sitk.GetImageFromArray(np.tile(arrayFromVolumeNode(oblique_mr), (3, 4, 4))), "big")
+    outputNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen output")
+    run = job(inputNode, temp_folders, factor=3.0)
+    run.outputNode = outputNode
+    run.start()
+    while not any(event["event"] == "progress" and event.get("stage") == "upsample" for event in run.poll()):
+        assert not run.finished, run.process.stderrTail
+    scene.RemoveNode(inputNode if removed == "input" else outputNode)
+    run.poll()
+    assert run.process._cancelRequested
+    while not run.finished:
+        run.poll()
+    with pytest.raises(UpsampleCancelled, match=f"{'big' if removed == 'input' else 'chosen output'}' left the scene"):
+        run.finish()
+
+
 def test_the_output_records_the_axis_that_was_upsampled(oblique_mr, scene, temp_folders):
     from CycleINRJob import upsampledAxis
 

@@ -100,6 +100,34 @@ def test_cancel_stops_the_process_and_leaves_no_file(shared_data, tmp_path):
     assert sorted(tmp_path.iterdir()) == [inputPath]  # the CLI removed its partial output
 
 
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"  # PythonSlicer's way: no signal passed on
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups and SIGTERM are POSIX")
+def test_cancel_through_a_launcher_stops_its_child_too(shared_data, tmp_path):
+    """Slicer's PythonSlicer runs the real interpreter as a child and dies of SIGTERM alone; the
+    cancel must reach the child, or it runs on, unseen, and writes the output anyway."""
+    inputPath = crop(shared_data, tmp_path / "input.nrrd", (140, 160, 16), start=(60, 80, 4))
+    outputPath = tmp_path / "output.nrrd"
+    command = [sys.executable, "-c", LAUNCHER,
+               *upsampleCommand(sys.executable, inputPath, outputPath, UpsampleOptions(factor=3.0, device="cpu"))]
+    process = UpsampleProcess(command, REPOSITORY)
+    process.start()
+    wait_for_progress(process)
+    process.cancel()
+    with pytest.raises(UpsampleCancelled):
+        process.wait()
+    assert sorted(tmp_path.iterdir()) == [inputPath]  # the child removed its partial output, wrote nothing
+
+
+def test_a_silent_exit_through_a_launcher_suggests_memory():
+    """An out-of-memory kill of the launcher's child reaches us as a plain exit code 1."""
+    process = UpsampleProcess([sys.executable, "-c", "import sys; sys.exit(1)"])
+    process.start()
+    with pytest.raises(UpsampleFailed, match="exit code 1 and printed nothing .*memory runs out"):
+        process.wait()
+
+
 def test_a_killed_process_is_reported_with_its_signal(shared_data, tmp_path):
     """What an out-of-memory kill looks like: no error event, just SIGKILL."""
     inputPath = crop(shared_data, tmp_path / "input.nrrd", (140, 160, 16), start=(60, 80, 4))
