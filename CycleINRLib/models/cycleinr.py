@@ -17,6 +17,9 @@ from .encoder import Encoder
 from .latent_sampling import LatentGrid, LatentSampler, SlicePositions
 
 COORDINATE_DIM = 1  # the slice-axis offset; in-plane offsets are always zero (queries lie on the grid)
+# Inference on a CPU decodes this many pixels of a plane at a time: their neighbourhoods and
+# decoder activations stay in cache (benchmarks/decode_block_bench.py). A GPU takes whole planes.
+CPU_BLOCK_PIXELS = 1024
 
 
 class CycleINR(nn.Module):
@@ -55,13 +58,28 @@ class CycleINR(nn.Module):
 
     def _decode(self, grid: LatentGrid, volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         where = SlicePositions.locate(positions.to(volume.device), volume.shape[2])
-        latent = self.sampler.sample(grid, where)  # (B, S, H, W, C)
-        offset = (2.0 * where.offset).to(latent.dtype).view(1, -1, 1, 1, 1).expand(*latent.shape[:4], 1)
-        features = torch.cat([offset, latent], dim=-1)
-        intensity = self.decoder(features.view(-1, features.shape[-1])).view(latent.shape[0], 1, *latent.shape[1:4])
+        if torch.is_grad_enabled():
+            latent = self.sampler.sample(grid, where)  # (B, S, H, W, C)
+            intensity = self._intensities(latent, where.offset.view(1, -1, 1, 1)).unsqueeze(1)
+        else:
+            intensity = self._decode_blocks(grid, where, CPU_BLOCK_PIXELS if volume.device.type == "cpu" else None)
         if self.config.predict_residual:
             intensity = intensity + where.lerp(volume, dim=2)
         return intensity
+
+    def _decode_blocks(self, grid: LatentGrid, where: SlicePositions, block_pixels: int | None) -> torch.Tensor:
+        """Inference: (B, 1, S, H, W), each block of codes decoded as soon as it is sampled."""
+        batch, _, height, width, _ = grid.latent.shape
+        intensity = grid.latent.new_empty((len(where.nearest), batch * height * width))
+        for uses, pixels, codes in self.sampler.sample_blocks(grid, where, block_pixels):
+            intensity[uses, pixels] = self._intensities(codes, where.offset[uses].view(1, -1)).transpose(0, 1)
+        return intensity.view(-1, batch, height, width).transpose(0, 1).unsqueeze(1)
+
+    def _intensities(self, codes: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for latent codes (..., C) at slice offsets broadcastable to (...)."""
+        offset = (2.0 * offset).to(codes.dtype).expand(codes.shape[:-1]).unsqueeze(-1)
+        features = torch.cat([offset, codes], dim=-1)
+        return self.decoder(features.view(-1, features.shape[-1])).view(codes.shape[:-1])
 
     def forward(self, volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(volume), volume, positions)

@@ -6,8 +6,8 @@ grid points: in-plane, query positions coincide with the input grid. So trilinea
 interpolation reduces to a lerp between two latent slices, and since W_Q is linear, the
 query of a position is the lerp of per-voxel queries. Queries, keys and values are computed
 once per low-resolution voxel and keys and values zero-padded once per grid; the
-27-neighbourhoods of keys and values are gathered once per low-resolution slice and shared by
-every output slice nearest to it.
+27-neighbourhoods of keys and values are gathered once per low-resolution slice (in
+inference, per block of its pixels) and shared by every output slice nearest to it.
 """
 
 from __future__ import annotations
@@ -100,50 +100,87 @@ class LatentSampler(nn.Module):
 
     def sample(self, grid: LatentGrid, where: SlicePositions) -> torch.Tensor:
         """Latent codes (B, S, H, W, C) at the located slice positions."""
+        if not torch.is_grad_enabled():  # the same codes, assembled from the blocks of inference
+            batch, _, height, width, channels = grid.latent.shape
+            codes = grid.latent.new_empty((len(where.nearest), batch * height * width, channels))
+            for uses, pixels, block in self.sample_blocks(grid, where):
+                codes[uses, pixels] = block.transpose(0, 1)
+            return codes.view(-1, batch, height, width, channels).transpose(0, 1)
         if not self.attention:
             return where.lerp(grid.latent, dim=1)
-        attended = self._attend(where.lerp(grid.query, dim=1), grid.padded_key, grid.padded_value, where.nearest)
+        attended = self._attend(where.lerp(grid.query, dim=1), grid, where.nearest)
         return where.lerp(grid.latent, dim=1) + attended if self.residual else attended
 
-    def _attend(self, query, padded_key, padded_value, nearest) -> torch.Tensor:
-        """Softmax over the 27 neighbours of the nearest voxel; outside the grid is masked."""
-        batch = query.shape[0]
-        depth, height, width = (n - 2 for n in padded_key.shape[1:4])
-        valid = _pad(padded_key.new_ones((batch, depth, height, width, 1)))
-        refined = torch.empty_like(query)
-        grids = tuple(part.view(-1, part.shape[-1]) for part in (padded_key, padded_value, valid))
-        first_slice = _neighbourhood_rows(batch, depth, height, width, query.device)
-        plane_rows = (height + 2) * (width + 2)
+    def sample_blocks(self, grid: LatentGrid, where: SlicePositions, block_pixels: int | None = None):
+        """Inference, one block of pixels at a time: yields (uses, pixels, codes), the codes
+        (P, U, C) of the output slices `uses` (U,) nearest to one acquired slice, at `pixels`,
+        a slice of the (B, H, W) plane flattened. Blocks that stay in a CPU's caches, decoded
+        as they come, make inference several times faster than whole planes (README, Speed).
+        `block_pixels` None: the whole plane."""
+        latent = _planes(grid.latent)
+        plane = latent.shape[1]
+        query = _planes(grid.query) if self.attention else None
+        neighbourhoods = _Neighbourhoods(grid) if self.attention else None
+        for slice_index in torch.unique(where.nearest).tolist():
+            uses = torch.nonzero(where.nearest == slice_index).flatten()
+            below, above = where.below[uses], where.above[uses]
+            weight = where.weight[uses].to(latent.dtype).view(-1, 1, 1)
+            for start in range(0, plane, block_pixels or plane):
+                pixels = slice(start, min(start + (block_pixels or plane), plane))
 
-        # Gathering rows by index (not unfolding windows) makes the backward pass a plain
-        # index_add, several times faster on CPU. In inference one buffer per grid is refilled
-        # for every slice: allocating them anew costs more in page faults than the gathering
-        # itself. Autograd keeps each slice's.
-        in_place = not torch.is_grad_enabled()
-        if in_place:
-            rows = torch.empty_like(first_slice)
-            buffers = [part.new_empty((first_slice.numel(), part.shape[-1])) for part in grids]
+                def lerp(part: torch.Tensor) -> torch.Tensor:  # (P, U, C)
+                    return torch.lerp(part[below, pixels], part[above, pixels], weight).transpose(0, 1)
+
+                if not self.attention:
+                    yield uses, pixels, lerp(latent)
+                    continue
+                attended = self._attend_slice(lerp(query), *neighbourhoods.of(slice_index, pixels))
+                yield uses, pixels, lerp(latent) + attended if self.residual else attended
+
+    def _attend(self, query, grid: LatentGrid, nearest) -> torch.Tensor:
+        """Softmax over the 27 neighbours of the nearest voxel, whole planes at a time (training)."""
+        batch, _, height, width, channels = query.shape
+        neighbourhoods = _Neighbourhoods(grid)
+        everything = slice(0, batch * height * width)
+        refined = torch.empty_like(query)
         for slice_index in torch.unique(nearest).tolist():
             uses = torch.nonzero(nearest == slice_index).flatten()
-            if in_place:
-                torch.add(first_slice, slice_index * plane_rows, out=rows)
-                gathered = [torch.index_select(part, 0, rows, out=out) for part, out in zip(grids, buffers)]
-            else:
-                rows = first_slice + slice_index * plane_rows
-                gathered = [part.index_select(0, rows) for part in grids]
-            neighbourhoods = [part.view(batch * height * width, NEIGHBOURHOOD**3, -1) for part in gathered]
-            refined[:, uses] = self._attend_slice(query[:, uses], *neighbourhoods)
+            queries = query[:, uses].permute(0, 2, 3, 1, 4).reshape(batch * height * width, len(uses), channels)
+            attended = self._attend_slice(queries, *neighbourhoods.of(slice_index, everything))
+            refined[:, uses] = attended.view(batch, height, width, len(uses), channels).permute(0, 3, 1, 2, 4)
         return refined
 
-    def _attend_slice(self, query, keys, values, mask) -> torch.Tensor:
-        """Attention for the queries (B, S, H, W, C) nearest to one slice, given that slice's
-        gathered neighbourhoods (B*H*W, 27, C) of keys and values and their validity."""
-        batch, count, height, width, channels = query.shape
-        log_valid = mask.log().transpose(1, 2)  # (B*H*W, 1, 27): 0 inside, -inf outside
-        queries = query.permute(0, 2, 3, 1, 4).reshape(batch * height * width, count, channels)
+    def _attend_slice(self, queries, keys, values, mask) -> torch.Tensor:
+        """Attention for queries (N, U, C) nearest to one slice, given that slice's gathered
+        neighbourhoods (N, 27, C) of keys and values and their validity (N, 27, 1)."""
+        log_valid = mask.log().transpose(1, 2)  # (N, 1, 27): 0 inside, -inf outside
         weights = torch.softmax(torch.baddbmm(log_valid, queries, keys.transpose(1, 2), alpha=self.scale), dim=-1)
-        attended = torch.bmm(weights, values).view(batch, height, width, count, channels)
-        return attended.permute(0, 3, 1, 2, 4)
+        return torch.bmm(weights, values)
+
+
+def _planes(part: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W, C) -> (D, B*H*W, C); a view when B is 1, as in inference."""
+    return part.transpose(0, 1).reshape(part.shape[1], -1, part.shape[-1])
+
+
+class _Neighbourhoods:
+    """The 27-neighbourhoods of keys, values and their validity around the voxels of one slice.
+
+    Gathering rows by index (not unfolding windows) makes the backward pass a plain index_add,
+    several times faster on CPU.
+    """
+
+    def __init__(self, grid: LatentGrid):
+        batch, depth, height, width = (n - 2 if axis else n for axis, n in enumerate(grid.padded_key.shape[:4]))
+        valid = _pad(grid.padded_key.new_ones((batch, depth, height, width, 1)))
+        self.grids = tuple(part.view(-1, part.shape[-1]) for part in (grid.padded_key, grid.padded_value, valid))
+        self.first_slice = _neighbourhood_rows(batch, depth, height, width, grid.padded_key.device)
+        self.plane_rows = (height + 2) * (width + 2)
+
+    def of(self, slice_index: int, pixels: slice) -> list[torch.Tensor]:
+        """(P, 27, C) keys, values and validity of the pixels (flattened (b, y, x)) of a slice."""
+        rows = self.first_slice[pixels.start * NEIGHBOURHOOD**3:pixels.stop * NEIGHBOURHOOD**3] + slice_index * self.plane_rows
+        return [part.index_select(0, rows).view(-1, NEIGHBOURHOOD**3, part.shape[-1]) for part in self.grids]
 
 
 def _neighbourhood_rows(batch: int, depth: int, height: int, width: int, device) -> torch.Tensor:
