@@ -82,6 +82,27 @@ def test_recomputed_decoding_gives_the_same_values_and_gradients(device):
         assert torch.allclose(grad, chunked_grads[name], **tolerance), name
 
 
+@pytest.mark.parametrize("config", ["light", "light-residual", "light-without-lam"])
+@pytest.mark.parametrize("block_pixels", [7, 90, None])
+def test_inference_in_blocks_gives_the_training_path_values(config, block_pixels, monkeypatch):
+    """Inference decodes a few pixels of a plane at a time (blocks that straddle rows and the
+    two volumes of a batch, or whole planes); training decodes whole planes under autograd."""
+    from CycleINRLib.config import NAMED_CONFIGS, ModelConfig
+    from CycleINRLib.models import CycleINR, cycleinr
+
+    overrides = {"light-residual": {"attention_residual": True}, "light-without-lam": {"attention": False}}
+    torch.manual_seed(0)
+    model = CycleINR(ModelConfig.from_dict({**NAMED_CONFIGS["light"].to_dict(), **overrides.get(config, {})}))
+    for parameter in model.parameters():  # trained-looking weights: no zero start anywhere
+        torch.nn.init.normal_(parameter, std=0.1)
+    low = torch.rand(2, 1, 5, 10, 9)
+    positions = torch.arange(0.0, 4.01, 0.37)
+    expected = model(low, positions).detach()
+    monkeypatch.setattr(cycleinr, "CPU_BLOCK_PIXELS", block_pixels)
+    with torch.no_grad():
+        assert torch.allclose(model(low, positions), expected, atol=1e-5, rtol=1e-5)
+
+
 @NEEDS_CUDA
 def test_bfloat16_autocast_on_cuda_keeps_the_float32_values():
     """Training's mixed precision on GPUs: the paper model in bfloat16 stays near float32, gradients finite."""

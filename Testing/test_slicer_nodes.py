@@ -7,6 +7,7 @@ IJK coordinate (i, j, k / r), so its RAS position is input IJK-to-RAS applied to
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,7 @@ def test_an_input_gone_during_the_run_or_an_unreadable_result_adds_nothing(obliq
         run.start()
         while not run.finished:
             run.poll()
+            time.sleep(0.05)
         nodes = scene.GetNumberOfNodes()
         if damage == "remove the input":
             scene.RemoveNode(inputNode)
@@ -252,11 +254,13 @@ def test_a_node_removed_while_the_run_goes_on_cancels_it_at_the_next_poll(obliqu
     run.start()
     while not any(event["event"] == "progress" and event.get("stage") == "upsample" for event in run.poll()):
         assert not run.finished, run.process.stderrTail
+        time.sleep(0.05)  # as the panel's timer: a busy loop here would take a core from the process
     scene.RemoveNode(inputNode if removed == "input" else outputNode)
     run.poll()
     assert run.process._cancelRequested
     while not run.finished:
         run.poll()
+        time.sleep(0.05)
     with pytest.raises(UpsampleCancelled, match=f"{'big' if removed == 'input' else 'chosen output'}' left the scene"):
         run.finish()
 

@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ def wait_for_progress(process):
     while not process.finished:
         if any(event["event"] == "progress" for event in process.poll()):
             return
+        time.sleep(0.05)  # as the panel's timer: a busy loop would take a core from the process
     pytest.fail("the process ended before reporting progress")
 
 
