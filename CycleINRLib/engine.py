@@ -23,6 +23,7 @@ from .config import DEVICES
 from .errors import InputError, UpsampleCancelled
 from .io import Volume, to_pixel_type
 from .models import CycleINR
+from .models.cycleinr import decode_block_pixels
 from .models.latent_sampling import LatentGrid
 
 DEFAULT_MAX_MEMORY_GB = 6.0
@@ -89,15 +90,21 @@ def _blend_weights(tiles: list[tuple[int, int]], coordinates: np.ndarray) -> lis
 
 @dataclass(frozen=True)
 class _MemoryModel:
-    """Workspace bytes of the three things a tile holds at once, from the model's sizes.
+    """Workspace bytes of what a tile holds at once, from the model's sizes.
 
-    They count the tensors alone; MEMORY_SAFETY_FACTOR covers what they miss (oneDNN
-    buffers, allocator fragmentation). benchmarks/upsample_bench.py reports measured peaks.
+    The model decodes the output slices nearest to one acquired slice together, a block of
+    pixels at a time (`decode_block_pixels`; whole planes on a GPU): only that block's
+    neighbourhoods and activations are alive, beside the tile's latent grid and the chunk's
+    decoded slices. The terms count the tensors alone; MEMORY_SAFETY_FACTOR covers what they
+    miss (oneDNN buffers, allocator fragmentation). benchmarks/upsample_bench.py reports
+    measured peaks.
     """
 
     per_tile_voxel: int  # encoder activations, then the latent grid kept while decoding
-    per_plane_pixel: int  # one low-resolution slice's gathered 27-neighbourhoods of keys and values, their row indices
-    per_query: int  # one output voxel through attention and the decoder
+    per_plane_pixel: int  # the neighbourhoods' row indices, made once per plane
+    per_block_pixel: int  # one pixel's gathered 27-neighbourhoods of keys and values, their validity
+    per_query: int  # one output voxel of a block through attention and the decoder
+    per_output_voxel: int = 16  # a chunk's decoded slices, its linear base, the core's copy and its blend
 
     @classmethod
     def of(cls, model: CycleINR) -> "_MemoryModel":
@@ -106,27 +113,32 @@ class _MemoryModel:
         encoding = 4 * config.encoder_width + 5 * latent + 2  # activations, latent, its copy, Q, K, V
         kept = 6 * latent + 2  # latent, Q, zero-padded K and V, validity mask; room for the crop's copies
         per_tile_voxel = 4 * max(encoding, kept)
-        per_plane_pixel = 4 * (2 * 27 * latent + 2 * 27) + 2 * 8 * 27 if config.attention else 0
+        per_plane_pixel = 2 * 8 * 27 if config.attention else 0
+        per_block_pixel = 4 * (2 * 27 * latent + 2 * 27) + 8 * 27 if config.attention else 0
         per_query = 4 * ((7 * latent + 60 if config.attention else 3 * latent) + 2 * (latent + 1)
                          + (2 * latent if config.attention_residual else 0)
                          + 3 * config.decoder_width)
-        return cls(per_tile_voxel, per_plane_pixel, per_query)
+        return cls(per_tile_voxel, per_plane_pixel, per_block_pixel, per_query)
 
 
 MEMORY_SAFETY_FACTOR = 1.2  # measured CPU peaks stayed below the tensor estimate itself
 
 
-def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, workspace_bytes: int) -> TilePlan:
-    """Largest tiles whose latent grid and one decode chunk fit the workspace."""
+def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, workspace_bytes: int,
+               device: torch.device = torch.device("cpu")) -> TilePlan:
+    """Largest tiles whose latent grid, one decoding block and one output slice fit the workspace."""
     halo = model.config.receptive_radius + SAMPLING_MARGIN
     memory = _MemoryModel.of(model)
     usable = workspace_bytes / MEMORY_SAFETY_FACTOR
+    decoded_together = math.ceil(factor) + 1  # output slices nearest to one acquired slice, at most
     core = list(shape)
     while True:
         padded = [min(c + 2 * halo, n) for c, n in zip(core, shape)]
         pixels = min(core[1] + 2, shape[1]) * min(core[2] + 2, shape[2])
-        tile = memory.per_tile_voxel * math.prod(padded) + memory.per_plane_pixel * pixels
-        one_slice = memory.per_query * pixels
+        block = min(pixels, decode_block_pixels(device) or pixels)
+        tile = (memory.per_tile_voxel * math.prod(padded) + memory.per_plane_pixel * pixels
+                + block * (memory.per_block_pixel + decoded_together * memory.per_query))
+        one_slice = memory.per_output_voxel * pixels
         if tile + one_slice <= usable:
             break
         shrinkable = [axis for axis in range(3) if core[axis] > MIN_CORE]
@@ -137,7 +149,8 @@ def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, work
                 "beyond the input and output arrays; raise --max-memory"
             )
         largest = max(shrinkable, key=lambda axis: padded[axis])
-        core[largest] = max(MIN_CORE, math.ceil(core[largest] / 2))
+        # half, plus the overlap: two tiles then cover what one did (a plain half needs a third)
+        core[largest] = max(MIN_CORE, math.ceil((core[largest] + TILE_OVERLAP) / 2))
     slices_in_tile = math.ceil(min(core[0], shape[0]) * factor) + 1
     chunk = int(max(1, min(slices_in_tile, (usable - tile) // one_slice)))
     return TilePlan(tuple(core), halo, chunk, workspace_bytes)
@@ -202,7 +215,7 @@ def upsample_array(
     shape = slices_first.shape
     positions = geometry.output_positions(shape[0], factor)
     workspace = check_memory_budget(shape, factor, array.dtype, max_memory_gb, flip_ensemble)
-    plan = plan_tiles(shape, factor, model, _device_workspace(device, workspace))
+    plan = plan_tiles(shape, factor, model, _device_workspace(device, workspace), device)
 
     low, high = model.config.normalization.bounds(slices_first)
     normalized = slices_first.astype(np.float32)  # in place from here: no volume-sized temporaries

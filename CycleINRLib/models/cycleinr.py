@@ -22,6 +22,11 @@ COORDINATE_DIM = 1  # the slice-axis offset; in-plane offsets are always zero (q
 CPU_BLOCK_PIXELS = 1024
 
 
+def decode_block_pixels(device: torch.device) -> int | None:
+    """Pixels of a plane that inference decodes at a time on `device`; None: whole planes."""
+    return CPU_BLOCK_PIXELS if device.type == "cpu" else None
+
+
 class CycleINR(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -62,7 +67,7 @@ class CycleINR(nn.Module):
             latent = self.sampler.sample(grid, where)  # (B, S, H, W, C)
             intensity = self._intensities(latent, where.offset.view(1, -1, 1, 1)).unsqueeze(1)
         else:
-            intensity = self._decode_blocks(grid, where, CPU_BLOCK_PIXELS if volume.device.type == "cpu" else None)
+            intensity = self._decode_blocks(grid, where, decode_block_pixels(volume.device))
         if self.config.predict_residual:
             intensity = intensity + where.lerp(volume, dim=2)
         return intensity
