@@ -32,6 +32,7 @@ MIN_CORE = 8  # smallest tile core (low-resolution voxels per axis) worth its co
 TILE_OVERLAP = 2  # low-resolution voxels shared by neighbouring tile cores
 GAUSSIAN_SIGMA_FRACTION = 1 / 8  # of the tile size, as in nnU-Net's sliding window
 SAMPLING_MARGIN = 2  # the lerp's upper slice and the attention's +-1 neighbour
+CHUNKS_PER_TILE = 16  # decode chunks a tile is cut into at least: progress reports and cancel checks
 BF16_DEVICES = ("cpu", "cuda")  # where torch.autocast offers bfloat16 here
 
 
@@ -152,7 +153,8 @@ def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, work
         # half, plus the overlap: two tiles then cover what one did (a plain half needs a third)
         core[largest] = max(MIN_CORE, math.ceil((core[largest] + TILE_OVERLAP) / 2))
     slices_in_tile = math.ceil(min(core[0], shape[0]) * factor) + 1
-    chunk = int(max(1, min(slices_in_tile, (usable - tile) // one_slice)))
+    steps = math.ceil(slices_in_tile / CHUNKS_PER_TILE)  # a progress report and cancel check each
+    chunk = int(max(1, min(steps, (usable - tile) // one_slice)))
     return TilePlan(tuple(core), halo, chunk, workspace_bytes)
 
 

@@ -85,6 +85,15 @@ def test_progress_rises_to_one(model, flip_ensemble):
         assert pytest.approx(0.5) in reports and messages[-1].startswith("pass 2/2")
 
 
+def test_a_volume_in_one_tile_reports_progress_while_it_decodes(model):
+    """The panel's progress bar and the cancel checks need more than one step per tile."""
+    volume = _ct_like((12, 16, 16))
+    assert engine.plan_tiles(volume.shape, 3.0, model, 8 * 2**30).core == volume.shape
+    reports = []
+    engine.upsample_array(volume, 3.0, model, progress=lambda fraction, message: reports.append(fraction))
+    assert len(set(reports)) >= 10  # 34 output slices, in chunks of at most ceil(34 / CHUNKS_PER_TILE) = 3
+
+
 def test_flip_ensemble_averages_the_pass_over_the_reversed_volume():
     """At a fractional factor, across slice-axis tiles: the mean of the model's prediction at
     j / r and its prediction on the reversed volume at D - 1 - j / r."""
