@@ -1,11 +1,9 @@
 """`cycleinr upsample` as a user runs it: a real subprocess on a real CT crop."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

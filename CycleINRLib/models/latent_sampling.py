@@ -99,13 +99,8 @@ class LatentSampler(nn.Module):
         return LatentGrid(latent, query.contiguous(), _pad(key), _pad(value))
 
     def sample(self, grid: LatentGrid, where: SlicePositions) -> torch.Tensor:
-        """Latent codes (B, S, H, W, C) at the located slice positions."""
-        if not torch.is_grad_enabled():  # the same codes, assembled from the blocks of inference
-            batch, _, height, width, channels = grid.latent.shape
-            codes = grid.latent.new_empty((len(where.nearest), batch * height * width, channels))
-            for uses, pixels, block in self.sample_blocks(grid, where):
-                codes[uses, pixels] = block.transpose(0, 1)
-            return codes.view(-1, batch, height, width, channels).transpose(0, 1)
+        """Latent codes (B, S, H, W, C) at the located slice positions, whole planes at a time
+        (training; inference goes through `sample_blocks`)."""
         if not self.attention:
             return where.lerp(grid.latent, dim=1)
         attended = self._attend(where.lerp(grid.query, dim=1), grid, where.nearest)
