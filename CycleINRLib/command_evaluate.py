@@ -18,7 +18,6 @@ from .config import DEVICES
 from .degrade import DEGRADATIONS
 from .errors import InputError
 from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
-from .figures import profile_figure, save_figure, views_figure
 from .geometry import slice_axis
 from .io import partial_name, read_volume
 from .metrics import CT_RANGE, lpips_availability
@@ -116,6 +115,8 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def _draw(result, name: str, folder: Path) -> None:
+    from .figures import profile_figure, save_figure, views_figure  # matplotlib: not at every command's start
+
     stem = f"{name}_{result.degradation}_{result.case.label.replace(':', '-')}"
     title = f"{name}, {result.degradation} {result.case.label}"
     save_figure(views_figure(result, title), folder / f"{stem}_views.png")

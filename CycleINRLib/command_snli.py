@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from .figures import profile_figure, save_figure
 from .geometry import slice_axis
 from .io import check_output_path, read_volume
 from .metrics import noise_profile
@@ -34,6 +33,8 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
     profile = noise_profile(volume.array, 2 - axis)  # numpy axis of ITK axis `axis`
     if plot:
+        from .figures import profile_figure, save_figure  # matplotlib only when drawing
+
         title = f"{args.volume}: per-slice noise level along axis {axis}, SNLI {profile.snli:.3g}"
         save_figure(profile_figure({"noise level": profile.levels}, volume.spacing[axis], title), plot)
     summary = {

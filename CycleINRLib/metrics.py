@@ -16,15 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pywt
-from scipy.stats import norm
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 CT_RANGE = (-1024.0, 3071.0)  # HU; data range 4095
 NOISE_WAVELET = "db2"  # as scikit-image's estimate_sigma
-GAUSSIAN_MAD = norm.ppf(0.75)  # 0.6745: median |x| of a unit Gaussian
+GAUSSIAN_MAD = NormalDist().inv_cdf(0.75)  # 0.6745: median |x| of a unit Gaussian
 FLAT_TOLERANCE = 1e-9  # relative to the slice's largest |value|: a coefficient this small is rounding
 ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"  # torchvision's file name, the backbone of LPIPS-alex
 
@@ -79,6 +78,8 @@ def clip_to_range(array: np.ndarray, value_range: tuple[float, float]) -> np.nda
 
 def psnr(truth: np.ndarray, test: np.ndarray, value_range: tuple[float, float] = CT_RANGE) -> float:
     """PSNR in dB over all voxels, both clipped to `value_range`, data range its width."""
+    from skimage.metrics import peak_signal_noise_ratio  # here: it loads scipy.stats, 0.6 s of every upsample's start
+
     low, high = value_range
     return float(peak_signal_noise_ratio(
         clip_to_range(truth, value_range), clip_to_range(test, value_range), data_range=high - low))
@@ -91,6 +92,8 @@ def slice_ssim(truth: np.ndarray, test: np.ndarray, axis: int = 0,
     Per slice rather than 3D so that any subset of slices (e.g. only the generated ones)
     can be averaged.
     """
+    from skimage.metrics import structural_similarity  # here, as in psnr
+
     low, high = value_range
     return np.array([structural_similarity(a, b, data_range=high - low)
                      for a, b in _clipped_slice_pairs(truth, test, axis, value_range)])

@@ -296,6 +296,17 @@ def test_an_output_name_of_255_bytes_is_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([good.name, output.name])
 
 
+def test_upsample_leaves_plotting_and_statistics_unloaded(tmp_path):
+    """Every Apply in Slicer starts `cycleinr upsample`; matplotlib, scipy.stats and
+    scipy.sparse (figures, SSIM, the evaluation's baselines) would add a second to its start."""
+    good = _write(tmp_path, "good.nii.gz", np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8), (1.0, 1.0, 5.0))
+    script = ("import json, sys; from CycleINRLib.cli import main; "
+              f"code = main(['upsample', {str(good)!r}, {str(tmp_path / 'out.nii.gz')!r}, '--factor', '2', '--device', 'cpu']); "
+              "print(json.dumps([code, sorted(m for m in ('matplotlib', 'scipy.stats', 'scipy.sparse') if m in sys.modules)]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert json.loads(result.stdout.splitlines()[-1]) == [0, []], result.stderr
+
+
 def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):
     output = tmp_path / "cancelled.nii.gz"
     process = subprocess.Popen(
