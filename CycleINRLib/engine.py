@@ -23,7 +23,7 @@ from .config import DEVICES
 from .errors import InputError, UpsampleCancelled
 from .io import Volume, to_pixel_type
 from .models import CycleINR
-from .models.cycleinr import decode_block_pixels
+from .models.cycleinr import decode_block_pixels, inference_memory_format
 from .models.latent_sampling import LatentGrid
 
 DEFAULT_MAX_MEMORY_GB = 6.0
@@ -102,7 +102,7 @@ class _MemoryModel:
     """
 
     per_tile_voxel: int  # encoder activations, then the latent grid kept while decoding
-    per_plane_pixel: int  # the neighbourhoods' row indices, made once per plane
+    per_plane_pixel: int  # the neighbourhoods' in-plane rows and validity, made once per plane
     per_block_pixel: int  # one pixel's gathered 27-neighbourhoods of keys and values, their validity
     per_query: int  # one output voxel of a block through attention and the decoder
     per_output_voxel: int = 16  # a chunk's decoded slices, its linear base, the core's copy and its blend
@@ -111,10 +111,10 @@ class _MemoryModel:
     def of(cls, model: CycleINR) -> "_MemoryModel":
         config = model.config
         latent = config.latent_dim
-        encoding = 4 * config.encoder_width + 5 * latent + 2  # activations, latent, its copy, Q, K, V
-        kept = 6 * latent + 2  # latent, Q, zero-padded K and V, validity mask; room for the crop's copies
-        per_tile_voxel = 4 * max(encoding, kept)
-        per_plane_pixel = 2 * 8 * 27 if config.attention else 0
+        encoding = 4 * config.encoder_width + latent  # the activations, then the latent they end in
+        attention_inputs = (5 if config.attention else 2) * latent  # the latent, its cropped or reordered copy, Q, K, V
+        per_tile_voxel = 4 * (max(encoding, attention_inputs) + 2)  # + the tile's intensities and their crop
+        per_plane_pixel = 6 * 8 * 27 if config.attention else 0  # int64 rows and their temporaries
         per_block_pixel = 4 * (2 * 27 * latent + 2 * 27) + 8 * 27 if config.attention else 0
         per_query = 4 * ((7 * latent + 60 if config.attention else 3 * latent) + 2 * (latent + 1)
                          + (2 * latent if config.attention_residual else 0)
@@ -266,7 +266,7 @@ def _run_tiles(volume, positions, model, plan, device, progress, should_cancel, 
     result = np.zeros((len(positions),) + shape[1:], dtype=np.float32)
 
     jobs = [(d, r, c) for d in range(len(depth_tiles)) for r in range(len(row_tiles)) for c in range(len(column_tiles))]
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=inference_memory_format(device)).eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for done, (d, r, c) in enumerate(jobs):
             _check_cancel(should_cancel)
@@ -301,10 +301,9 @@ def _encode_tile(volume, cores, halo, model, device) -> _EncodedTile:
     read = [(max(start - halo, 0), min(stop + halo, length)) for (start, stop), length in zip(cores, volume.shape)]
     block = torch.from_numpy(np.ascontiguousarray(volume[tuple(slice(a, b) for a, b in read)])).to(device)
     block = block[None, None]
-    grid = model.encode(block)
     keep = [(max(start - 1, a), min(stop + 1, b)) for (start, stop), (a, b) in zip(cores[1:], read[1:])]
     rows, columns = (slice(low - a, high - a) for (low, high), (a, _) in zip(keep, read[1:]))
-    return _EncodedTile(grid.crop(rows, columns), block[..., rows, columns], (read[0][0], keep[0][0], keep[1][0]))
+    return _EncodedTile(model.encode(block, rows, columns), block[..., rows, columns], (read[0][0], keep[0][0], keep[1][0]))
 
 
 def _decode_chunk(tile: _EncodedTile, chunk, positions, cores, weights, model, result) -> None:

@@ -18,7 +18,7 @@ from conftest import DEVICES, NEEDS_CUDA  # noqa: E402
 def attention_by_definition(grid, where: SlicePositions) -> torch.Tensor:
     """softmax(W_Q z_hat . W_K z_i / sqrt(C)) W_V z_i over the 3x3x3 codes around the nearest
     acquired voxel that lie inside the grid, one query at a time."""
-    key, value = (part[:, 1:-1, 1:-1, 1:-1] for part in (grid.padded_key, grid.padded_value))
+    key, value = grid.key, grid.value
     batch, depth, height, width, channels = key.shape
     result = torch.zeros(batch, len(where.nearest), height, width, channels, dtype=torch.float64)
     for b in range(batch):

@@ -5,9 +5,10 @@ Only the slice axis (D of a (B, D, H, W, C) channels-last grid) is ever sampled 
 grid points: in-plane, query positions coincide with the input grid. So trilinear
 interpolation reduces to a lerp between two latent slices, and since W_Q is linear, the
 query of a position is the lerp of per-voxel queries. Queries, keys and values are computed
-once per low-resolution voxel and keys and values zero-padded once per grid; the
-27-neighbourhoods of keys and values are gathered once per low-resolution slice (in
-inference, per block of its pixels) and shared by every output slice nearest to it.
+once per low-resolution voxel; the 27-neighbourhoods of keys and values are gathered once per
+low-resolution slice (in inference, per block of its pixels) and shared by every output slice
+nearest to it. Neighbours outside the grid are read at the nearest voxel inside and masked out
+of the softmax, so the grids need no padded copies.
 """
 
 from __future__ import annotations
@@ -49,32 +50,13 @@ class SlicePositions(NamedTuple):
 
 
 class LatentGrid(NamedTuple):
-    """Per-voxel latent codes, channels last: (B, D, H, W, C).
-
-    Keys and values carry a ring of zeros, one voxel deep, around D, H and W: the
-    neighbourhoods of border voxels read it (masked out), and padding once per grid instead of
-    once per decoded chunk saves a copy of both grids per chunk.
-    """
+    """Per-voxel latent codes, channels last: (B, D, H, W, C), and with attention W_Q, W_K and
+    W_V applied per voxel, each (B, D, H, W, C) and contiguous (None without attention)."""
 
     latent: torch.Tensor
-    query: torch.Tensor | None  # W_Q, W_K, W_V applied per voxel (None without attention)
-    padded_key: torch.Tensor | None  # (B, D+2, H+2, W+2, C)
-    padded_value: torch.Tensor | None
-
-    def crop(self, rows: slice, columns: slice) -> "LatentGrid":
-        """The grid of the in-plane crop, contiguous, its keys and values padded anew."""
-        latent, query = (part[:, :, rows, columns].contiguous() if part is not None else None for part in self[:2])
-        if query is None:
-            return LatentGrid(latent, None, None, None)
-        return LatentGrid(latent, query, *(_pad(_interior(part)[:, :, rows, columns]) for part in self[2:]))
-
-
-def _pad(part: torch.Tensor) -> torch.Tensor:
-    return F.pad(part, (0, 0, 1, 1, 1, 1, 1, 1))
-
-
-def _interior(part: torch.Tensor) -> torch.Tensor:
-    return part[:, 1:-1, 1:-1, 1:-1]
+    query: torch.Tensor | None
+    key: torch.Tensor | None
+    value: torch.Tensor | None
 
 
 class LatentSampler(nn.Module):
@@ -91,12 +73,14 @@ class LatentSampler(nn.Module):
     def prepare(self, latent: torch.Tensor) -> LatentGrid:
         """(B, C, D, H, W) encoder output -> channels-last grid with queries, keys, values."""
         # Contiguous once here: index_select along D would otherwise copy the whole grid for
-        # every decoded chunk.
+        # every decoded chunk. No copy when the encoder wrote channels-last (inference on a
+        # CPU) and `latent` is not an in-plane crop.
         latent = latent.permute(0, 2, 3, 4, 1).contiguous()
         if not self.attention:
             return LatentGrid(latent, None, None, None)
-        query, key, value = self.qkv(latent).chunk(3, dim=-1)
-        return LatentGrid(latent, query.contiguous(), _pad(key), _pad(value))
+        # One product per part, each contiguous as it comes: no 3C-wide result to split and copy.
+        parts = zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3))
+        return LatentGrid(latent, *(F.linear(latent, weight, bias) for weight, bias in parts))
 
     def sample(self, grid: LatentGrid, where: SlicePositions) -> torch.Tensor:
         """Latent codes (B, S, H, W, C) at the located slice positions, whole planes at a time
@@ -145,10 +129,10 @@ class LatentSampler(nn.Module):
             refined[:, uses] = attended.view(batch, height, width, len(uses), channels).permute(0, 3, 1, 2, 4)
         return refined
 
-    def _attend_slice(self, queries, keys, values, mask) -> torch.Tensor:
+    def _attend_slice(self, queries, keys, values, log_valid) -> torch.Tensor:
         """Attention for queries (N, U, C) nearest to one slice, given that slice's gathered
-        neighbourhoods (N, 27, C) of keys and values and their validity (N, 27, 1)."""
-        log_valid = mask.log().transpose(1, 2)  # (N, 1, 27): 0 inside, -inf outside
+        neighbourhoods (N, 27, C) of keys and values and log_valid (N, 1, 27), 0 for the
+        neighbours inside the grid and -inf for those outside (their weight becomes 0)."""
         weights = torch.softmax(torch.baddbmm(log_valid, queries, keys.transpose(1, 2), alpha=self.scale), dim=-1)
         return torch.bmm(weights, values)
 
@@ -159,25 +143,35 @@ def _planes(part: torch.Tensor) -> torch.Tensor:
 
 
 class _Neighbourhoods:
-    """The 27-neighbourhoods of keys, values and their validity around the voxels of one slice.
+    """The 27-neighbourhoods of keys and values around the voxels of one slice, and which of
+    them lie inside the grid.
 
     Gathering rows by index (not unfolding windows) makes the backward pass a plain index_add,
-    several times faster on CPU. In inference one buffer per grid is refilled for every block:
-    fresh ones of a few MB each cost more in page faults than the gathering itself.
+    several times faster on CPU. A neighbour outside the grid is read at the nearest voxel
+    inside, a row that exists, and masked out. In inference one buffer per grid is refilled for
+    every block: fresh ones of a few MB each cost more in page faults than the gathering itself.
     """
 
     def __init__(self, grid: LatentGrid):
-        batch, depth, height, width = (n - 2 if axis else n for axis, n in enumerate(grid.padded_key.shape[:4]))
-        valid = _pad(grid.padded_key.new_ones((batch, depth, height, width, 1)))
-        self.grids = tuple(part.view(-1, part.shape[-1]) for part in (grid.padded_key, grid.padded_value, valid))
-        self.first_slice = _neighbourhood_rows(batch, depth, height, width, grid.padded_key.device)
-        self.plane_rows = (height + 2) * (width + 2)
+        batch, self.depth, height, width, _ = grid.key.shape
+        self.grids = tuple(part.view(-1, part.shape[-1]) for part in (grid.key, grid.value))
+        self.plane_rows = height * width
+        device = grid.key.device
+        # (B*H*W, 27): the in-plane part of each neighbour's row, and 0 / -inf for inside / outside
+        self.in_plane_rows, in_plane_inside = _in_plane_neighbours(batch, self.depth, height, width, device)
+        self.in_plane_log_valid = torch.zeros(in_plane_inside.shape, dtype=grid.key.dtype, device=device)
+        self.in_plane_log_valid.masked_fill_(~in_plane_inside, -math.inf)
+        self.dz = torch.arange(-1, 2, device=device).repeat_interleave(NEIGHBOURHOOD**2)  # (27,), order (dz, dy, dx)
         self.buffers = None
 
     def of(self, slice_index: int, pixels: slice) -> list[torch.Tensor]:
-        """(P, 27, C) keys, values and validity of the pixels (flattened (b, y, x)) of a slice;
-        in inference, valid until the next call."""
-        rows = self.first_slice[pixels.start * NEIGHBOURHOOD**3:pixels.stop * NEIGHBOURHOOD**3] + slice_index * self.plane_rows
+        """Keys and values (P, 27, C) around the pixels (flattened (b, y, x)) of a slice and
+        their log-validity (P, 1, 27); in inference, valid until the next call."""
+        z = self.dz + slice_index
+        z_log_valid = torch.zeros(z.shape, dtype=self.in_plane_log_valid.dtype, device=z.device)
+        z_log_valid.masked_fill_((z < 0) | (z >= self.depth), -math.inf)
+        rows = (self.in_plane_rows[pixels] + z.clamp(0, self.depth - 1) * self.plane_rows).flatten()
+        log_valid = (self.in_plane_log_valid[pixels] + z_log_valid).unsqueeze(1)
         if torch.is_grad_enabled():
             gathered = [part.index_select(0, rows) for part in self.grids]
         else:
@@ -185,15 +179,18 @@ class _Neighbourhoods:
                 self.buffers = [part.new_empty((len(rows), part.shape[-1])) for part in self.grids]
             gathered = [torch.index_select(part, 0, rows, out=buffer[:len(rows)])
                         for part, buffer in zip(self.grids, self.buffers)]
-        return [part.view(-1, NEIGHBOURHOOD**3, part.shape[-1]) for part in gathered]
+        return [part.view(-1, NEIGHBOURHOOD**3, part.shape[-1]) for part in gathered] + [log_valid]
 
 
-def _neighbourhood_rows(batch: int, depth: int, height: int, width: int, device) -> torch.Tensor:
-    """Rows of a flattened (B, D+2, H+2, W+2) zero-padded grid holding the 27 neighbours of
-    every voxel of slice 0, ordered (b, y, x, dz, dy, dx); slice s adds s * (H+2) * (W+2)."""
-    padded = (depth + 2, height + 2, width + 2)
-    b, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in (batch, height, width)), indexing="ij")
-    dz, dy, dx = torch.meshgrid(*(torch.arange(NEIGHBOURHOOD, device=device) for _ in range(3)), indexing="ij")
-    centre = ((b * padded[0]) * padded[1] + y) * padded[2] + x  # (B, H, W): the window's corner
-    shift = (dz * padded[1] + dy) * padded[2] + dx  # (3, 3, 3)
-    return (centre[..., None, None, None] + shift).flatten()
+def _in_plane_neighbours(batch: int, depth: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every pixel (b, y, x) of a slice and its 27 neighbours, ordered (dz, dy, dx): the row
+    of a flattened (B, D, H, W) grid at slice 0, the neighbour clamped into the plane, and
+    whether it lay inside the plane; slice z adds z * H * W."""
+    b, y, x = (n.reshape(-1, 1) for n in torch.meshgrid(
+        *(torch.arange(n, device=device) for n in (batch, height, width)), indexing="ij"))
+    _, dy, dx = (n.reshape(1, -1) - 1 for n in torch.meshgrid(
+        *(torch.arange(NEIGHBOURHOOD, device=device) for _ in range(3)), indexing="ij"))
+    v, u = y + dy, x + dx  # (B*H*W, 27)
+    inside = (v >= 0) & (v < height) & (u >= 0) & (u < width)
+    rows = (b * depth * height + v.clamp(0, height - 1)) * width + u.clamp(0, width - 1)
+    return rows, inside
