@@ -63,7 +63,7 @@ class TilePlan:
 
     core: tuple[int, int, int]
     halo: int
-    slices_per_chunk: int
+    slices_per_chunk: int  # the most output slices the workspace holds beside the tile
     workspace_bytes: int
 
     def tiles(self, shape: tuple[int, int, int]) -> list[list[tuple[int, int]]]:
@@ -152,9 +152,7 @@ def plan_tiles(shape: tuple[int, int, int], factor: float, model: CycleINR, work
         largest = max(shrinkable, key=lambda axis: padded[axis])
         # half, plus the overlap: two tiles then cover what one did (a plain half needs a third)
         core[largest] = max(MIN_CORE, math.ceil((core[largest] + TILE_OVERLAP) / 2))
-    slices_in_tile = math.ceil(min(core[0], shape[0]) * factor) + 1
-    steps = math.ceil(slices_in_tile / CHUNKS_PER_TILE)  # a progress report and cancel check each
-    chunk = int(max(1, min(steps, (usable - tile) // one_slice)))
+    chunk = int(max(1, (usable - tile) // one_slice))
     return TilePlan(tuple(core), halo, chunk, workspace_bytes)
 
 
@@ -223,14 +221,18 @@ def upsample_array(
     normalized = slices_first.astype(np.float32)  # in place from here: no volume-sized temporaries
     normalized -= low
     normalized /= high - low
+    decoded = np.ones(len(positions), dtype=bool)
+    if keep_acquired_slices:  # copied from the input below: decoding them is wasted work (half of it at r = 2)
+        decoded[[out_index for out_index, _ in geometry.acquired_slice_matches(shape[0], factor)]] = False
     if flip_ensemble:
-        result = _run_tiles(normalized, positions, model, plan, device, _pass_progress(progress, 0), should_cancel, bf16)
+        result = _run_tiles(normalized, positions, decoded, model, plan, device, _pass_progress(progress, 0),
+                            should_cancel, bf16)
         # The reversed volume's slice i is slice D-1-i: it is sampled at D-1-j/r, the same places.
-        result += _run_tiles(normalized[::-1], (shape[0] - 1) - positions, model, plan, device,
+        result += _run_tiles(normalized[::-1], (shape[0] - 1) - positions, decoded, model, plan, device,
                              _pass_progress(progress, 1), should_cancel, bf16)
         result *= 0.5
     else:
-        result = _run_tiles(normalized, positions, model, plan, device, progress, should_cancel, bf16)
+        result = _run_tiles(normalized, positions, decoded, model, plan, device, progress, should_cancel, bf16)
     del normalized
     result *= high - low
     result += low
@@ -256,8 +258,9 @@ def _device_workspace(device: torch.device, host_workspace: int) -> int:
     return host_workspace
 
 
-def _run_tiles(volume, positions, model, plan, device, progress, should_cancel, bf16) -> np.ndarray:
-    """Blend every tile's exact prediction into a float32 (M, H, W) accumulator."""
+def _run_tiles(volume, positions, decoded, model, plan, device, progress, should_cancel, bf16) -> np.ndarray:
+    """Blend every tile's exact prediction of the output slices where `decoded` (M,) is true
+    into a float32 (M, H, W) accumulator (the others stay 0)."""
     shape = volume.shape
     depth_tiles, row_tiles, column_tiles = plan.tiles(shape)
     depth_weights = _blend_weights(depth_tiles, positions)
@@ -270,12 +273,16 @@ def _run_tiles(volume, positions, model, plan, device, progress, should_cancel, 
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for done, (d, r, c) in enumerate(jobs):
             _check_cancel(should_cancel)
-            slices = np.flatnonzero(depth_weights[d])
+            slices = np.flatnonzero((depth_weights[d] > 0) & decoded)
+            if not len(slices):
+                continue
             cores = (depth_tiles[d], row_tiles[r], column_tiles[c])
             weights = (depth_weights[d], row_weights[r][cores[1][0]:cores[1][1]], column_weights[c][cores[2][0]:cores[2][1]])
             tile = None  # free the previous tile's latent grid before encoding the next
             tile = _encode_tile(volume, cores, plan.halo, model, device)
-            chunks = np.array_split(slices, max(1, math.ceil(len(slices) / plan.slices_per_chunk)))
+            # at most slices_per_chunk (memory), at least CHUNKS_PER_TILE chunks (progress, cancel)
+            chunks = np.array_split(slices, max(math.ceil(len(slices) / plan.slices_per_chunk),
+                                                min(CHUNKS_PER_TILE, len(slices))))
             for chunk_done, chunk in enumerate(chunks, start=1):
                 _check_cancel(should_cancel)
                 _decode_chunk(tile, chunk, positions, cores, weights, model, result)

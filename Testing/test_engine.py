@@ -126,6 +126,19 @@ def test_output_keeps_pixel_type_and_acquired_slices(model):
     assert np.array_equal(result[::2], volume)
     generated = engine.upsample_array(volume, 2.0, model, axis=0, keep_acquired_slices=False)
     assert not np.array_equal(generated[::2], volume)
+    assert np.abs(result[1::2].astype(int) - generated[1::2]).max() <= 1  # float rounding at most
+
+
+def test_acquired_slices_that_are_kept_are_not_decoded(model, monkeypatch):
+    """At r = 2 half the output slices are copies of the input: decoding them would be wasted."""
+    decoded = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda grid, volume, positions: decoded.append(len(positions))
+                        or decode(grid, volume, positions))
+    for keep in (True, False):
+        decoded.clear()
+        engine.upsample_array(_ct_like((5, 12, 10)), 2.0, model, keep_acquired_slices=keep)
+        assert sum(decoded) == (4 if keep else 9)
 
 
 def test_other_axis_is_upsampled_in_place(model):
