@@ -18,7 +18,9 @@
 # without --flip-ensemble. A session has 15 minutes of device time, the machine's start
 # included: check (about 2 min) then train with S = 420 used 9 of them; with MEASURE=0,
 # FIT_ONE_BATCH=1 check took 97 s and train with S = 560 (3584 steps) 457 s, 10 min in all
-# with the start and transfers (both 2026-11-26).
+# with the start and transfers (both 2026-11-26); with MEASURE=0 check took 53 s and then
+# MEASURE=1 train with S = 540 (3568 steps and the upsampling timing) 506 s, 10 min in all,
+# which left time for one more short call (a fresh start, about 35 s) (2026-11-27).
 # A call carries at most 64 MiB: the wheels (57 MB) and the training volumes (51 MB) travel in
 # separate calls; the installed wheels (.site) and the test volume stay on the warm machine,
 # which is given back 30 s after a call, so issue train at once.
