@@ -2,10 +2,13 @@
 
 input node -> temporary NRRD -> `cycleinr upsample` process -> output node. The temporary
 folder is removed in every case (success, bad input, crash, cancel), and the scene only
-changes once a complete output has been read back.
+changes once a complete output has been read back. A folder that a crash of Slicer itself
+left behind is removed by the next run.
 """
 
 import math
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +26,8 @@ AXIS_NAMES = ("I", "J", "K")
 DEVICES = (*LIBRARY_DEVICES, "gpu")  # gpu: the logic resolves it to cuda or mps
 SLICE_AXIS_ATTRIBUTE = "CycleINR.sliceAxis"  # on the output node: the IJK axis that was upsampled
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+FOLDER_PREFIX = "CycleINR-run-{pid}-"  # the pid of the Slicer that owns the folder
+OWNED_FOLDER = re.compile(r"CycleINR-run-(\d+)-")
 
 
 def checkRequest(inputNode, options: UpsampleOptions, outputNode=None) -> None:
@@ -79,7 +84,8 @@ class UpsampleJob:
         self.goneMessage = None  # why the run was cancelled when its input or output node left the scene
 
     def start(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="CycleINR-"))
+        removeOrphanedFolders()
+        self.folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX.format(pid=os.getpid())))
         try:
             inputPath = self.folder / "input.nrrd"
             writeVolumeNode(self.inputNode, inputPath)
@@ -155,6 +161,27 @@ class UpsampleJob:
         copyDisplay(self.inputNode, node)
         self.outputNode = node
         return node
+
+
+def removeOrphanedFolders(root=None) -> None:
+    """Remove run folders whose Slicer has ended: a crash of Slicer leaves its copy of the input
+    volume there. Only on POSIX, where a process can be looked up without extra packages."""
+    if os.name != "posix":
+        return
+    for folder in Path(root or tempfile.gettempdir()).glob("CycleINR-run-*"):
+        owner = OWNED_FOLDER.match(folder.name)
+        if owner and folder.is_dir() and not processExists(int(owner.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def processExists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def effectiveFactor(inputNode, options: UpsampleOptions) -> float:

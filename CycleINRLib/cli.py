@@ -1,7 +1,8 @@
 """The `cycleinr` command: upsample, snli, evaluate.
 
 Every command turns bad input into one line on stderr and exit code 2; an interrupt or
-SIGTERM (how a GUI cancels) leaves no partial output and exits 130.
+SIGTERM (how a GUI cancels) leaves no partial output and exits 130, and so does a GUI that
+goes away while it reads the JSON progress lines.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signal
 import sys
 
 from . import __version__
-from .errors import InputError, UpsampleCancelled
+from .errors import InputError, ProgressReaderGone, UpsampleCancelled
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         reporter.error(str(error))
         return EXIT_BAD_INPUT
-    except (KeyboardInterrupt, UpsampleCancelled):
-        reporter.error("cancelled; nothing was written")
+    except (KeyboardInterrupt, UpsampleCancelled) as cancelled:
+        reason = str(cancelled) if isinstance(cancelled, ProgressReaderGone) else "cancelled"
+        reporter.error(f"{reason}; nothing was written")
         return EXIT_CANCELLED
 
 

@@ -11,3 +11,8 @@ class WeightsError(InputError):
 
 class UpsampleCancelled(RuntimeError):
     """Raised within one tile of a cancel request; no partial result is returned or written."""
+
+
+class ProgressReaderGone(UpsampleCancelled):
+    """The program reading `--json-progress` closed its end (a GUI that quit or crashed): the
+    command stops as if cancelled, since nobody is left to take its result."""

@@ -10,10 +10,13 @@ JSON protocol (one object per line on stdout, see README "Upsampling your own vo
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Callable
 
 from tqdm import tqdm
+
+from .errors import ProgressReaderGone
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -51,9 +54,13 @@ class Reporter:
         self._print(f"cycleinr: error: {message}")
 
     def done(self, summary: dict[str, Any], text: str) -> None:
+        """The last event; the work is complete, so a reader that left by now changes nothing."""
         self.close()
         if self.json_lines:
-            self._emit(event="done", fraction=1.0, stage="done", **summary)
+            try:
+                self._emit(event="done", fraction=1.0, stage="done", **summary)
+            except ProgressReaderGone:
+                pass
         else:
             print(text, flush=True)
 
@@ -63,11 +70,26 @@ class Reporter:
             self._bar = None
 
     def _print(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        try:
+            if self._bar is not None:
+                self._bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+        except BrokenPipeError:  # the GUI that read stderr is gone too: nobody to tell
+            _discard_further_output(sys.stderr)
 
     @staticmethod
     def _emit(**fields: Any) -> None:
-        print(json.dumps(fields), flush=True)
+        try:
+            print(json.dumps(fields), flush=True)
+        except BrokenPipeError:
+            _discard_further_output(sys.stdout)
+            raise ProgressReaderGone("the program reading the progress lines has gone") from None
+
+
+def _discard_further_output(stream) -> None:
+    """Point a stream whose reader has gone at the null device, so that the lines still to come,
+    and the flush at exit, do not raise again (Python's documented answer to SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)

@@ -307,8 +307,8 @@ def test_upsample_leaves_plotting_and_statistics_unloaded(tmp_path):
     assert json.loads(result.stdout.splitlines()[-1]) == [0, []], result.stderr
 
 
-def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):
-    output = tmp_path / "cancelled.nii.gz"
+def _upsampling_process(ct_crop, output: Path) -> subprocess.Popen:
+    """A GUI-style run of several tiles, returned once it reports its first upsampling step."""
     process = subprocess.Popen(
         [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output), "--factor", "6",
          "--json-progress", "--max-memory", "0.65"],
@@ -317,9 +317,25 @@ def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):
     for line in process.stdout:
         if json.loads(line).get("stage") == "upsample":
             break
+    return process
+
+
+def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):
+    process = _upsampling_process(ct_crop, tmp_path / "cancelled.nii.gz")
     process.send_signal(signal.SIGTERM)
     remaining, errors = process.communicate(timeout=120)
     assert process.returncode == 130, errors
     assert json.loads(remaining.strip().splitlines()[-1])["event"] == "error"
     assert "Traceback" not in errors
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gui_that_goes_away_stops_the_run_without_leaving_files(ct_crop, tmp_path):
+    """A crashed Slicer closes the pipe of the progress lines: the run stops at its next line."""
+    process = _upsampling_process(ct_crop, tmp_path / "orphaned.nii.gz")
+    process.stdout.close()
+    errors = process.stderr.read()
+    assert process.wait(timeout=120) == 130, errors
+    assert errors.strip().splitlines() == ["cycleinr: error: the program reading the progress lines has gone; "
+                                           "nothing was written"]
     assert list(tmp_path.iterdir()) == []

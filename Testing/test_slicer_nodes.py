@@ -5,8 +5,12 @@ output slice must land where the grid convention puts it: output voxel (i, j, k)
 IJK coordinate (i, j, k / r), so its RAS position is input IJK-to-RAS applied to that.
 """
 
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +27,7 @@ sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
 from CycleINRLib import geometry  # noqa: E402
 from CycleINRLib.errors import InputError  # noqa: E402
-from CycleINRJob import UpsampleJob, describeOutputGrid  # noqa: E402
+from CycleINRJob import FOLDER_PREFIX, UpsampleJob, describeOutputGrid  # noqa: E402
 from CycleINRNodeIO import arrayFromVolumeNode, ijkToRas  # noqa: E402
 from CycleINRProcess import UpsampleCancelled, UpsampleFailed, UpsampleOptions  # noqa: E402
 
@@ -154,6 +158,22 @@ def test_cancel_changes_nothing_and_removes_its_files(shared_data, scene, temp_f
     with pytest.raises(UpsampleCancelled):
         run.finish()
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+
+
+@pytest.mark.skipif(os.name != "posix", reason="orphaned folders are looked for on POSIX only")
+def test_a_run_removes_the_folders_that_a_crashed_slicer_left_behind(oblique_mr, temp_folders):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    orphaned = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX.format(pid=ended.pid)))
+    (orphaned / "input.nrrd").write_bytes(b"the copy of a volume that a crash left behind")
+    running = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX.format(pid=os.getpid())))
+    try:
+        job(oblique_mr, temp_folders, factor=2.0).wait()
+        assert not orphaned.exists()
+        assert running.exists()
+    finally:
+        for folder in (orphaned, running):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_the_readout_states_spacing_slices_and_size():
