@@ -34,8 +34,9 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "evaluate",
         help="compare upsamplers against thin-slice ground truth (PSNR, SSIM, SNLI, pictures)",
-        description="Degrade thin-slice volumes (keep every k-th slice), upsample them back by r with each "
-        "method, and compare with the truth on the generated slices and on all slices.",
+        description="Degrade thin-slice volumes (keep every k-th slice, or average k slices around it with "
+        "--degradation thick), upsample them back by r with each method, and compare with the truth on the "
+        "generated slices and on all slices.",
     )
     parser.add_argument("truth", nargs="+", metavar="VOLUME",
                         help="thin-slice ground truth: volume files, DICOM series folders, or folders of volume files")
@@ -46,14 +47,16 @@ def register(commands) -> None:
     parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=METHODS,
                         help="default: %(default)s; cycleinr and cycleinr-noise use --weights")
     parser.add_argument("--degradation", nargs="+", default=["interval"], choices=DEGRADATIONS,
-                        help="how the thick-slice input is made (default: interval)")
+                        help="how the thick-slice input is made: interval keeps every k-th slice, thick averages "
+                             "a box k slices wide around it; both can be given (default: interval)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest")
     parser.add_argument("--range", dest="value_range", default="ct", metavar="ct|truth|LOW:HIGH",
                         help="clip values to this range before PSNR/SSIM, its width being the data range; "
                         "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
     parser.add_argument("--weights", help="weights file for cycleinr (.safetensors); default: the bundled CT weights")
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="for cycleinr")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="for cycleinr; auto: CUDA, then Apple MPS, then the CPU (default: auto)")
     parser.add_argument("--flip-ensemble", action="store_true",
                         help="cycleinr methods average two passes, the second over the slice-reversed input "
                              "(as `cycleinr upsample --flip-ensemble`; twice the time)")

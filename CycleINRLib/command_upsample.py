@@ -27,11 +27,12 @@ def register(commands) -> None:
     parser.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
     parser.add_argument("output", help="output file (.nii, .nii.gz, .nrrd or .mha)")
     amount = parser.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--factor", type=float, help="upsampling factor r > 1, may be fractional (2.5)")
+    amount.add_argument("--factor", type=float, help=f"upsampling factor r, 1 < r <= {geometry.MAX_FACTOR:g}, may be fractional (2.5)")
     amount.add_argument("--spacing", type=float, help="target slice spacing in mm (smaller than the input's)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest")
-    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto: CUDA, then Apple MPS, then the CPU (default: auto)")
     parser.add_argument("--weights", help="weights file (.safetensors); default: the bundled CT weights")
     parser.add_argument("--keep-acquired-slices", action=argparse.BooleanOptionalAction, default=True,
                         help="copy acquired slices verbatim where output slices coincide with them (default: on)")

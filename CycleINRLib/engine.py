@@ -173,12 +173,14 @@ def check_memory_budget(shape: tuple[int, int, int], factor: float, dtype: np.dt
     `shape` puts the slice axis first.
     """
     output_slices = geometry.output_slice_count(shape[0], factor)
-    fixed = array_bytes(shape, output_slices, dtype, flip_ensemble) + RUNTIME_BYTES
+    arrays = array_bytes(shape, output_slices, dtype, flip_ensemble)
+    fixed = arrays + RUNTIME_BYTES
     budget = int(max_memory_gb * 2**30)
     if fixed >= budget:
         raise InputError(
-            f"output of {output_slices}x{shape[1]}x{shape[2]} voxels needs {fixed / 2**30:.1f} GB "
-            f"for its arrays alone, more than the memory budget of {max_memory_gb:g} GB; raise --max-memory"
+            f"{shape[0]} -> {output_slices} slices of {shape[1]}x{shape[2]} voxels need {arrays / 2**30:.2f} GB "
+            f"for the input and output arrays and {RUNTIME_BYTES / 2**30:.1f} GB for Python and torch, more than "
+            f"the memory budget of {max_memory_gb:g} GB; raise --max-memory"
         )
     return budget - fixed
 

@@ -84,7 +84,10 @@ def parse_case(text: str) -> Case:
         raise InputError(f"case {text!r} must be k:r, e.g. 5:2.5 (keep every k-th slice, upsample by r)") from None
     if keep_every < 2:
         raise InputError(f"case {text}: k must be at least 2, not {keep_every}")
-    check_factor(factor)
+    try:
+        check_factor(factor)
+    except InputError as error:
+        raise InputError(f"case {text}: {error}") from None
     ratio = keep_every / factor
     if ratio < 1 - 1e-9 or not math.isclose(ratio, round(ratio), abs_tol=1e-9):
         raise InputError(f"case {text}: k / r = {ratio:g} must be a whole number so that the truth exists "

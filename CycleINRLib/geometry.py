@@ -42,7 +42,13 @@ def factor_for_spacing(input_spacing: float, target_spacing: float) -> float:
             f"target spacing {target_spacing:g} mm is not smaller than the input's "
             f"slice spacing {input_spacing:g} mm; nothing to upsample"
         )
-    return input_spacing / target_spacing
+    factor = input_spacing / target_spacing
+    if factor > MAX_FACTOR:
+        raise InputError(
+            f"target spacing {target_spacing:g} mm is {factor:.3g} times finer than the input's slice spacing "
+            f"{input_spacing:g} mm; the largest supported factor is {MAX_FACTOR:g} ({input_spacing / MAX_FACTOR:.3g} mm)"
+        )
+    return factor
 
 
 def check_factor(factor: float) -> float:

@@ -56,7 +56,7 @@ def test_cases_are_parsed_and_refused_with_a_reason():
     assert parse_case("5:2.5") == Case(5, 2.5) and parse_case("5:2.5").step == 2
     assert parse_case("3:3").label == "3:3"
     for text, reason in [("5:2", "whole number"), ("5", "k:r"), ("a:2", "k:r"), ("1:1", "at least 2"),
-                         ("4:0.5", "greater than 1")]:
+                         ("4:0.5", "case 4:0.5: factor must be greater than 1")]:
         with pytest.raises(InputError, match=reason):
             parse_case(text)
 
