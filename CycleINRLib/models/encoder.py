@@ -20,7 +20,9 @@ class ResidualBlock(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features + self.body(features)
+        if torch.is_grad_enabled():  # autograd keeps the ReLU's output, which must stay as it is
+            return features + self.body(features)
+        return self.body(features).add_(features)  # inference: no fresh grid-sized tensor to fault in
 
 
 class Encoder(nn.Module):
