@@ -11,6 +11,7 @@ memory budget bounds.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -271,8 +272,9 @@ def _run_tiles(volume, positions, decoded, model, plan, device, progress, should
     result = np.zeros((len(positions),) + shape[1:], dtype=np.float32)
 
     jobs = [(d, r, c) for d in range(len(depth_tiles)) for r in range(len(row_tiles)) for c in range(len(column_tiles))]
-    model = model.to(device, memory_format=inference_memory_format(device)).eval()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    model = model.to(device).eval()
+    with _inference_layout(model, device), torch.inference_mode(), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for done, (d, r, c) in enumerate(jobs):
             _check_cancel(should_cancel)
             slices = np.flatnonzero((depth_weights[d] > 0) & decoded)
@@ -291,6 +293,20 @@ def _run_tiles(volume, positions, decoded, model, plan, device, progress, should
                 if progress:
                     progress((done + chunk_done / len(chunks)) / len(jobs), f"tile {done + 1}/{len(jobs)}")
     return result
+
+
+@contextlib.contextmanager
+def _inference_layout(model: CycleINR, device: torch.device):
+    """The encoder's weights in the layout inference runs fastest with on `device`, for the
+    run only: a training run validates with its own model, and its next steps must see the
+    layout a resumed run starts from, or resuming would not reproduce the run."""
+    memory_format = inference_memory_format(device)
+    model.to(memory_format=memory_format)
+    try:
+        yield
+    finally:
+        if memory_format != torch.contiguous_format:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def _check_cancel(should_cancel: CancelCheck | None) -> None:

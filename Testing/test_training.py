@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import socket
@@ -189,12 +190,21 @@ def test_windowed_decoding_with_every_acquired_slice_is_whole_volume_decoding():
     assert np.abs(two_slices[generated] - whole[generated]).max() > 5.0
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path, accumulate):
-    straight_config = small_config(crops, tmp_path / "straight", accumulate=accumulate)
+def _validating(config: TrainConfig, crops: Path) -> TrainConfig:
+    """In-run validation every 2 steps: the uninterrupted run validates at steps 2, 4 and 6,
+    the interrupted one at 2 and 3, then, resumed, at 4 and 6."""
+    config.data.val = str(crops / "a.nii.gz")
+    config.run.val_every, config.run.val_cases, config.run.val_crop = 2, ["2:2"], None
+    return config
+
+
+@pytest.mark.parametrize("accumulate, validate", [(1, False), (2, True)])
+def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path, accumulate, validate):
+    with_validation = functools.partial(_validating, crops=crops) if validate else (lambda config: config)
+    straight_config = with_validation(small_config(crops, tmp_path / "straight", accumulate=accumulate))
     straight_config.data.workers = 1  # worker processes, as in real runs
     straight, straight_history = train(straight_config)
-    interrupted = small_config(crops, tmp_path / "resumed", steps=3, accumulate=accumulate)
+    interrupted = with_validation(small_config(crops, tmp_path / "resumed", steps=3, accumulate=accumulate))
     _, first_half = train(interrupted)
     interrupted.optim.steps = 6
     resumed, second_half = train(interrupted)
@@ -274,9 +284,10 @@ def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp
     refused = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file),
                               "optim.steps=9"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().splitlines()[-1] == (
-        f"train.py: error: {run}: none of its 2 checkpoints reads (see the warnings above); "
-        "move them away to start a new run there")
+    *warned, error = refused.stderr.strip().splitlines()
+    assert error == (f"train.py: error: {run}: none of its 2 checkpoints reads (see the warnings above); "
+                     "move them away to start a new run there")
+    assert len(warned) == 2 and all(line.startswith("CheckpointWarning: ") for line in warned), warned  # a line each
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == damaged
 
 
@@ -359,13 +370,17 @@ def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_pat
         other.__post_init__()
 
 
-def test_train_script_rejects_a_bad_config_in_one_line(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("run.init_weights={missing}", "run.init_weights: {missing}: weights file not found"),
+    ("optim.steps", "optim.steps: an override is section.key=value, e.g. optim.steps=1000"),
+])
+def test_train_script_rejects_a_bad_config_in_one_line(tmp_path, override, message):
     missing = tmp_path / "missing.safetensors"
-    result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config",
-                             str(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml"), f"run.init_weights={missing}"],
+    config, override = REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", override.format(missing=missing)
+    result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config), override],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith(f"run.init_weights: {missing}: weights file not found")
+    assert result.stderr.strip().splitlines() == [f"train.py: error: {config} with {override}: {message.format(missing=missing)}"]
     assert not list(tmp_path.iterdir())
 
 

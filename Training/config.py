@@ -3,6 +3,7 @@ every checkpoint so a run can be resumed or reproduced from its files alone."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -202,7 +203,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise ValueError("a config is a mapping of sections (model, model_overrides, data, optim, run), "
                          f"not {type(values).__name__}")
     for item in overrides:
-        key, _, raw = item.partition("=")
+        key, equals, raw = item.partition("=")
+        if not equals:
+            raise ValueError(f"{item}: an override is section.key=value, e.g. optim.steps=1000")
         *parents, leaf = key.split(".")
         target = values
         for parent in parents:
@@ -213,6 +216,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
                 raise ValueError(f"{item}: {parent} is a setting, not a section")
         target[leaf] = _yaml(raw, item)
     return TrainConfig.from_dict(values)
+
+
+def load_config_or_exit(parser: argparse.ArgumentParser, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """load_config for a command line: a config that does not load is one line naming the file
+    and the overrides, and exit status 2."""
+    try:
+        return load_config(path, overrides)
+    except (OSError, ValueError) as error:
+        given = f"{path} with {' '.join(overrides)}" if overrides else str(path)
+        parser.exit(2, f"{parser.prog}: error: {given}: {error}\n")
 
 
 def _yaml(text: str, origin: str = "") -> object:

@@ -46,6 +46,12 @@ class TrainingVolume:
     truth_axes: tuple[int, ...]  # numpy axes that can serve as the slice axis of a pair
 
 
+def warnings_in_one_line() -> None:
+    """For the command lines: a skipped volume or checkpoint is one line, not Python's default
+    of two (the message, then the source line that issued it, which tells a user nothing)."""
+    warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
+
+
 def volume_paths(source: str | Path) -> list[Path]:
     """Files of a folder (known suffixes), one volume file, or the lines of a list file, relative to it."""
     source = Path(source)

@@ -28,7 +28,7 @@ from CycleINRLib.engine import resolve_device
 from CycleINRLib.models import CycleINR
 from CycleINRLib.models.latent_sampling import SlicePositions
 from Training import data, losses
-from Training.config import TrainConfig, load_config
+from Training.config import TrainConfig, load_config_or_exit
 
 
 def fit_one_batch(config: TrainConfig, scale: float, steps: int, report_every: int = 25) -> list[dict]:
@@ -76,12 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.pixel_loss=l1")
     args = parser.parse_intermixed_args(argv)
+    data.warnings_in_one_line()
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, not {args.steps}")
-    try:
-        config = load_config(args.config, args.overrides)
-    except (OSError, ValueError) as error:
-        parser.error(f"{args.config}: {error}")
+    config = load_config_or_exit(parser, args.config, args.overrides)
     try:
         fit_one_batch(config, args.scale, args.steps)
     except ValueError as error:  # the data (DataSourceError), --scale, run.device (InputError)

@@ -22,8 +22,8 @@ from CycleINRLib.checkpoint import load_model
 from CycleINRLib.engine import resolve_device
 from CycleINRLib.errors import InputError
 from CycleINRLib.models import CycleINR
-from Training.config import load_config
-from Training.data import DataSourceError
+from Training.config import load_config_or_exit
+from Training.data import DataSourceError, warnings_in_one_line
 from Training.export_weights import model_from_checkpoint
 from Training.validation import ValidationSet
 
@@ -54,17 +54,15 @@ def main(argv: list[str] | None = None) -> None:
                              "overrides of the config, e.g. run.val_crop=[64,192,192]")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"whose validation to use (default {DEFAULT_CONFIG.name})")
     args = parser.parse_intermixed_args(argv)
+    warnings_in_one_line()
     overrides = [item for item in args.items if OVERRIDE.match(item)]
     weights = [Path(item) for item in args.items if not OVERRIDE.match(item)]
     missing = [str(path) for path in weights if not path.is_file()]
     if missing or not weights:
         parser.exit(2, f"{parser.prog}: error: {'no such file: ' + ', '.join(missing) if missing else 'no weights given'}\n")
-    try:
-        config = load_config(args.config, overrides)
-    except (OSError, ValueError) as error:
-        parser.error(f"{args.config}: {error}")
+    config = load_config_or_exit(parser, args.config, overrides)
     if not config.data.val:
-        parser.error(f"{args.config} names no validation data (data.val)")
+        parser.exit(2, f"{parser.prog}: error: {args.config} names no validation data (data.val)\n")
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     device = resolve_device(config.run.device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import sys
@@ -31,7 +32,7 @@ from CycleINRLib.checkpoint import load_model, save_model
 from CycleINRLib.engine import resolve_device
 from CycleINRLib.models import CycleINR
 from Training import checkpointing, data, losses
-from Training.config import OptimConfig, TrainConfig, load_config
+from Training.config import OptimConfig, TrainConfig, load_config_or_exit
 from Training.validation import ValidationSet
 
 
@@ -100,7 +101,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
                                 device.type == "cuda")
 
     # ---------------------------------------------------------------- loop
-    writer = SummaryWriter(str(out_dir / "tensorboard")) if master else None
+    writer = SummaryWriter(str(out_dir / "tensorboard")) if master and step < config.optim.steps else None
     history: list[dict] = []
     started = time.time()
     bar = tqdm(total=config.optim.steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -142,6 +143,9 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     bar.close()
     if writer is not None:
         writer.close()
+        best = "; best in-run validation in best_model.safetensors" if math.isfinite(best_psnr) else ""
+        print(f"finished at step {step}: checkpoints in {out_dir}{best}; "
+              "Training/export_weights.py makes a weights file of one")
     if distributed:
         dist.destroy_process_group()
     return model, history
@@ -230,10 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="YAML file (see Training/configs)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.steps=1000")
     args = parser.parse_intermixed_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except (OSError, ValueError) as error:
-        parser.error(f"{args.config}: {error}")
+    data.warnings_in_one_line()
+    config = load_config_or_exit(parser, args.config, args.overrides)
     try:
         train(config)
     # OSError: run.out_dir not writable, a full disk (checkpoints are written whole or not at all)
