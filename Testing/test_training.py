@@ -400,6 +400,17 @@ def test_train_script_reports_unreadable_data_in_one_line(tmp_path, source, mess
     assert not (tmp_path / "run").exists()
 
 
+def test_train_script_reports_an_out_dir_it_cannot_write_in_one_line(crops, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    out_dir = tmp_path / "a_file" / "run"
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(small_config(crops, out_dir).to_dict()))
+    result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"train.py: error: {out_dir}: Not a directory"
+
+
 def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path) -> None:
     import os
 

@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(config)
     # OSError: run.out_dir not writable, a full disk (checkpoints are written whole or not at all)
-    except (data.DataSourceError, ResumeError, checkpointing.CheckpointError, OSError) as error:
+    except OSError as error:  # "PATH: reason" rather than Python's "[Errno N] reason: 'PATH'"
+        reason = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else error
+        parser.exit(2, f"{parser.prog}: error: {reason}\n")
+    except (data.DataSourceError, ResumeError, checkpointing.CheckpointError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"\n{parser.prog}: interrupted; the same command resumes from the newest checkpoint in "
