@@ -7,7 +7,9 @@ parts live in CycleINRProcess.py, CycleINRNodeIO.py, CycleINRJob.py and CycleINR
 
 import enum
 import importlib
+import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import pathlib
@@ -486,16 +488,22 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         return all(importlib.util.find_spec(name) is not None for name in EXTRA_PACKAGES)
 
     def _install(self, requirements: list) -> None:
-        """pip-install after one confirmation listing `requirements`; Slicer's numpy and SimpleITK stay pinned."""
+        """pip-install after one confirmation listing `requirements`; Slicer's numpy and SimpleITK
+        stay pinned. Under Slicer's --testing (the self-test in CTest) nobody can answer a dialog,
+        which would wait for ever: it installs without one, as PyTorchUtils does for torch."""
+        testing = slicer.app.testingEnabled()
         slicerPackaging = self._slicerPackaging()
         with tempfile.TemporaryDirectory(prefix="CycleINR-") as folder:
             constraints = self._writeBundledConstraints(os.path.join(folder, "constraints.txt"))
             if slicerPackaging is not None:  # it asks for confirmation itself
                 from packaging.requirements import Requirement
 
+                accepted = inspect.signature(slicerPackaging.pip_ensure).parameters
+                unattended = {name: value for name, value in (("prompt_install", not testing), ("skip_in_testing", False))
+                              if name in accepted}
                 slicerPackaging.pip_ensure([Requirement(requirement) for requirement in requirements],
-                                     requester="Upsample slices (CycleINR)", constraints=constraints)
-            elif slicer.util.confirmOkCancelDisplay(
+                                           requester="Upsample slices (CycleINR)", constraints=constraints, **unattended)
+            elif testing or slicer.util.confirmOkCancelDisplay(
                     "Upsample slices needs these Python packages, which will be downloaded and installed now:\n"
                     + "\n".join(requirements), windowTitle="Upsample slices"):
                 slicer.util.pip_install(requirements + ["--constraint", constraints])
@@ -513,12 +521,16 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _writeBundledConstraints(path: str) -> str:
-        """A pip constraints file pinning Slicer's own numpy and SimpleITK, so neither is replaced."""
-        import numpy
-        import SimpleITK
-
+        """A pip constraints file pinning Slicer's own numpy and SimpleITK, so neither is replaced:
+        the versions pip sees (a build's own version string need not be one pip accepts)."""
+        pins = []
+        for name in ("numpy", "SimpleITK"):
+            try:
+                pins.append(f"{name}=={importlib.metadata.version(name)}\n")
+            except importlib.metadata.PackageNotFoundError:
+                continue  # not a distribution pip knows of: nothing it could replace
         with open(path, "w") as constraints:
-            constraints.write(f"numpy=={numpy.__version__}\nSimpleITK=={SimpleITK.Version.VersionString()}\n")
+            constraints.writelines(pins)
         return path
 
     def _ensureTorch(self) -> bool:

@@ -136,8 +136,9 @@ class UpsampleProcess:
 
     def start(self) -> None:
         logging.info("Running: %s", subprocess.list2cmdline(self.command))
+        # Windows: no console window for PythonSlicer, as slicer.util.launchConsoleProcess does
         ownGroup = {"start_new_session": True} if os.name == "posix" \
-            else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+            else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
         self._process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", errors="replace", env=self._environment(), **ownGroup)
@@ -176,7 +177,8 @@ class UpsampleProcess:
 
     def _signalGroup(self, signum) -> None:
         if os.name != "posix":  # no SIGTERM for a process tree there: end it outright
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._process.pid)], capture_output=True)
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._process.pid)], capture_output=True,
+                           creationflags=subprocess.CREATE_NO_WINDOW)
             return
         try:
             os.killpg(self._process.pid, signum)

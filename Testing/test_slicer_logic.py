@@ -95,3 +95,42 @@ def test_bad_requests_and_ctrl_c_leave_the_scene_as_it_was(logic, scene, mr_crop
         logic.upsample(mr_crop, factor=2.0, device="cpu", progressCallback=interrupt)
     assert scene.GetNumberOfNodes() == nodes
     np.testing.assert_array_equal(arrayFromVolumeNode(mr_crop), before)
+
+
+class _Installs:
+    """Records what the logic asks Slicer's package tools to do (stand-ins: installing for real
+    would change this environment); `asked` counts confirmation dialogs."""
+
+    def __init__(self, testing: bool):
+        self.testing, self.asked, self.installed, self.ensured = testing, 0, [], []
+        self.app = types.SimpleNamespace(testingEnabled=lambda: self.testing)
+
+    def confirm(self, text, windowTitle=None):
+        self.asked += 1
+        return True
+
+    def pip_install(self, arguments):
+        constraints = Path(arguments[arguments.index("--constraint") + 1]).read_text().split()
+        self.installed.append((arguments[:arguments.index("--constraint")], constraints))
+
+    def pip_ensure(self, requirements, constraints=None, prompt_install=True, requester=None, skip_in_testing=True):
+        self.ensured.append({"prompt_install": prompt_install, "skip_in_testing": skip_in_testing})
+
+
+@pytest.mark.parametrize("testing", [False, True])
+@pytest.mark.parametrize("packaging", [False, True], ids=["slicer.util", "slicer.packaging"])
+def test_packages_install_without_a_dialog_only_under_testing(logic, monkeypatch, testing, packaging):
+    """Under Slicer's --testing (CTest) a confirmation dialog would wait for ever."""
+    installs = _Installs(testing)
+    monkeypatch.setattr(slicer, "app", installs.app, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", installs.confirm)
+    monkeypatch.setattr(slicer.util, "pip_install", installs.pip_install)
+    monkeypatch.setattr(logic, "_slicerPackaging",
+                        lambda: types.SimpleNamespace(pip_ensure=installs.pip_ensure) if packaging else None)
+    logic._install(["tqdm>=4.0"])
+    if packaging:  # slicer.packaging asks itself, unless told not to
+        assert installs.ensured == [{"prompt_install": not testing, "skip_in_testing": False}] and not installs.installed
+    else:
+        ((requirements, constraints),) = installs.installed
+        assert requirements == ["tqdm>=4.0"] and installs.asked == (0 if testing else 1)
+        assert f"numpy=={np.__version__}" in constraints
