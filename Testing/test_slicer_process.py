@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,43 @@ def test_cancel_through_a_launcher_stops_its_child_too(shared_data, tmp_path):
     with pytest.raises(UpsampleCancelled):
         process.wait()
     assert sorted(tmp_path.iterdir()) == [inputPath]  # the child removed its partial output, wrote nothing
+
+
+SLICER_THAT_CRASHES = """
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+from CycleINRProcess import UpsampleOptions, UpsampleProcess, upsampleCommand
+process = UpsampleProcess(upsampleCommand(sys.executable, sys.argv[1], sys.argv[2], UpsampleOptions(factor=3.0, device="cpu")),
+                          sys.argv[4])
+process.start()
+while not any(event["event"] == "progress" for event in process.poll()):
+    time.sleep(0.05)
+print(process._process.pid, flush=True)
+os._exit(139)  # a crash: no cancel, no clean-up
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="looks the orphaned process up by pid")
+def test_a_run_stops_and_writes_nothing_when_slicer_crashes(shared_data, tmp_path):
+    """The run has its own process group, so Slicer's death does not kill it: the closed pipe
+    of its progress lines must stop it."""
+    inputPath = crop(shared_data, tmp_path / "input.nrrd", (140, 160, 16), start=(60, 80, 4))
+    slicer = subprocess.run([sys.executable, "-c", SLICER_THAT_CRASHES, str(inputPath), str(tmp_path / "output.nrrd"),
+                             str(REPOSITORY / "CycleINR"), str(REPOSITORY)], capture_output=True, text=True, timeout=300)
+    orphan = int(slicer.stdout)
+    deadline = time.monotonic() + 120
+    while _exists(orphan) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _exists(orphan), "the run went on after Slicer crashed"
+    assert sorted(tmp_path.iterdir()) == [inputPath]
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_a_silent_exit_through_a_launcher_suggests_memory():
