@@ -44,7 +44,7 @@ def register(commands) -> None:
                         help="folder for results.csv, results.md and the pictures (created; or pass --overwrite)")
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="K:R",
                         help="keep every k-th slice, upsample by r; k/r must be whole (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=METHODS,
+    parser.add_argument("--methods", nargs="+", default=[*BASELINES, "cycleinr"], choices=METHODS,
                         help="default: %(default)s; cycleinr and cycleinr-noise use --weights")
     parser.add_argument("--degradation", nargs="+", default=["interval"], choices=DEGRADATIONS,
                         help="how the thick-slice input is made: interval keeps every k-th slice, thick averages "
