@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what `--device`, `run.device` and the Slicer logic accept
+# Below it a CT holds no tissue but the padding outside the scanner's field of view (-2000,
+# -2048, -3024 HU, vendor by vendor); reconstructions and our training data stop at -1024.
+CT_FLOOR_HU = -1024.0
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,7 @@ class Normalization:
 
     kind "window": a fixed interval [low, high] (CT in HU) maps to [0, 1].
     kind "percentile": the input's own low/high percentiles (MR) map to [0, 1].
+    For CT the network sees values below CT_FLOOR_HU at the floor (`raise_to_floor`).
     """
 
     kind: str = "window"
@@ -37,6 +41,21 @@ class Normalization:
             return float(self.low), float(self.high)
         low, high = np.percentile(array, [self.low, self.high])
         return float(low), float(max(high, low + 1e-6))
+
+    @property
+    def floor(self) -> float | None:
+        """The lowest value that can be tissue (CT), None where any value can be (MR)."""
+        return CT_FLOOR_HU if self.kind == "window" else None
+
+    def raise_to_floor(self, array: np.ndarray) -> np.ndarray:
+        """`array` with values below the floor set to it (a copy, same dtype), or `array` itself.
+
+        Out-of-field padding at -3024 HU is an edge of 2000 HU that no training volume shows:
+        the network would ring along the field-of-view border. At the floor it is air.
+        """
+        if self.floor is None or array.min() >= self.floor:
+            return array
+        return np.maximum(array, np.asarray(self.floor, dtype=array.dtype))
 
 
 DECODER_ACTIVATIONS = ("relu", "gelu")

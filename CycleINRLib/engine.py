@@ -220,8 +220,10 @@ def upsample_array(
     workspace = check_memory_budget(shape, factor, array.dtype, max_memory_gb, flip_ensemble)
     plan = plan_tiles(shape, factor, model, _device_workspace(device, workspace), device)
 
-    low, high = model.config.normalization.bounds(slices_first)
-    normalized = slices_first.astype(np.float32)  # in place from here: no volume-sized temporaries
+    normalization = model.config.normalization
+    low, high = normalization.bounds(slices_first)
+    # in place from here: no volume-sized temporaries (but a copy where CT padding is raised)
+    normalized = normalization.raise_to_floor(slices_first).astype(np.float32)
     normalized -= low
     normalized /= high - low
     decoded = np.ones(len(positions), dtype=bool)
@@ -239,12 +241,30 @@ def upsample_array(
     del normalized
     result *= high - low
     result += low
+    if normalization.floor is not None:
+        _keep_out_of_field(result, slices_first, positions, normalization.floor)
     if keep_acquired_slices:
         for out_index, in_index in geometry.acquired_slice_matches(shape[0], factor):
             result[out_index] = slices_first[in_index]
     if match_noise:
         noise_matching.add_missing_noise(result, slices_first, factor)
     return np.moveaxis(to_pixel_type(result, array.dtype), 0, axis)
+
+
+def _keep_out_of_field(result: np.ndarray, slices: np.ndarray, positions: np.ndarray, floor: float) -> None:
+    """Give output voxels between two acquired voxels below `floor` their linear interpolation.
+
+    Those are padding outside the field of view (README, "Upsampling your own volume"): the
+    network saw them as air, and the output keeps the input's padding value there.
+    """
+    if slices.min() >= floor:
+        return
+    lower = np.minimum(np.floor(positions).astype(int), len(slices) - 1)
+    upper = np.minimum(lower + 1, len(slices) - 1)
+    for out_slice, below, above, weight in zip(result, lower, upper, positions - lower):
+        outside = (slices[below] < floor) & (slices[above] < floor)
+        if outside.any():
+            out_slice[outside] = (1 - weight) * slices[below][outside] + weight * slices[above][outside]
 
 
 def _pass_progress(progress: ProgressCallback | None, index: int) -> ProgressCallback | None:

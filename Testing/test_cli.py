@@ -135,6 +135,32 @@ def test_input_that_is_not_ct_is_announced(ct_crop, tmp_path):
         assert ("does not look like CT" in result.stderr) == expected, result.stderr
 
 
+def test_padding_outside_the_field_of_view_stays_padding(shared_data, tmp_path):
+    """A CT padded with -3024 HU outside its round field of view is upsampled as if it held air.
+
+    The corner of the real 8 mm CT, cut by a field-of-view circle: with the padding the model
+    gives the voxels inside the circle exactly what it gives when the padding is air at -1024,
+    and the padding stays -3024 (without the floor, the border rang by hundreds of HU).
+    """
+    image = sitk.ReadImage(str(shared_data / THICK_SLICE_CT))
+    corner = image[32:128, 24:104, 8:20]
+    rows, columns = np.mgrid[24:104, 32:128]
+    outside = (rows - image.GetHeight() / 2 + 0.5) ** 2 + (columns - image.GetWidth() / 2 + 0.5) ** 2 > 250 ** 2
+    assert 0.2 < outside.mean() < 0.8  # the circle crosses the crop
+    outputs = {}
+    for padding in (-1024, -3024):
+        array = sitk.GetArrayFromImage(corner)
+        array[:, outside] = padding
+        source = sitk.GetImageFromArray(array)
+        source.CopyInformation(corner)
+        sitk.WriteImage(source, str(tmp_path / f"in{padding}.nrrd"))
+        result = cycleinr("upsample", tmp_path / f"in{padding}.nrrd", tmp_path / f"out{padding}.nrrd", "--factor", "2.5")
+        assert result.returncode == 0, result.stderr
+        outputs[padding] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"out{padding}.nrrd")))
+    np.testing.assert_array_equal(outputs[-3024][:, ~outside], outputs[-1024][:, ~outside])
+    assert (outputs[-3024][:, outside] == -3024).all()
+
+
 def _write(tmp_path, name, array, spacing=None):
     image = sitk.GetImageFromArray(array, isVector=array.shape[-1] == 3)
     if spacing:

@@ -23,8 +23,9 @@ def model(request):
 
 
 def _ct_like(shape, seed=0):
+    """Noise in HU, clipped at -1024 as CT reconstructions are (below lies padding)."""
     rng = np.random.default_rng(seed)
-    return (rng.normal(0, 300, shape) - 200).astype(np.int16)
+    return np.maximum(rng.normal(0, 300, shape) - 200, -1024).astype(np.int16)
 
 
 def _workspace_forcing_tiles(shape, factor, model, axes):
@@ -183,6 +184,22 @@ def test_unavailable_device_is_refused():
         pytest.skip("a CUDA device is present")
     with pytest.raises(InputError, match="cuda"):
         engine.resolve_device("cuda")
+
+
+def test_padding_is_kept_where_it_lies_on_both_sides_of_a_new_slice(model):
+    """Out-of-field padding (-3024 HU) in the first three slices of one corner, where the
+    field of view changes from slice to slice: new slices between two padded voxels keep the
+    padding, the others get the model's prediction on the padding seen as air."""
+    volume = _ct_like((6, 12, 10))
+    padded = volume.copy()
+    padded[:3, :4, :4] = -3024
+    air = volume.copy()
+    air[:3, :4, :4] = -1024
+    on_padding = engine.upsample_array(padded, 2.0, model)
+    on_air = engine.upsample_array(air, 2.0, model)
+    assert (on_padding[:5, :4, :4] == -3024).all()  # output slices 0-4 lie between input slices 0-2
+    np.testing.assert_array_equal(on_padding[5:], on_air[5:])
+    np.testing.assert_array_equal(on_padding[:, 4:], on_air[:, 4:])
 
 
 def test_percentile_normalization_follows_the_input_and_is_undone():

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from CycleINRLib.checkpoint import load_model, save_model  # noqa: E402
-from CycleINRLib.config import NAMED_CONFIGS  # noqa: E402
+from CycleINRLib.config import NAMED_CONFIGS, Normalization  # noqa: E402
 from CycleINRLib.degrade import degrade, degrade_at  # noqa: E402
 from CycleINRLib.evaluate import evaluate_volume, make_methods, parse_case  # noqa: E402
 from CycleINRLib.io import Volume, read_volume, write_volume  # noqa: E402
@@ -538,3 +538,16 @@ def test_one_volume_file_is_a_training_set(crops):
     listing = crops.parent / "listing.txt"
     listing.write_text(f"{crops.name}/a.nii.gz\n# a comment\n")
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
+
+
+def test_padding_outside_the_field_of_view_trains_as_air(crops, tmp_path):
+    """Training sees a CT's -3024 HU padding at the floor, as `cycleinr upsample` does."""
+    head = read_volume(crops / "a.nii.gz")
+    padded = head.array.copy()
+    padded[:, :, :6] = -3024
+    write_volume(Volume(padded, head.spacing, head.origin, head.direction), tmp_path / "padded.nii.gz")
+    for kind, lowest in (("window", -1024), ("percentile", -3024)):
+        normalization = NAMED_CONFIGS["light"].normalization if kind == "window" else Normalization("percentile", 0.5, 99.5)
+        [volume] = data.load_volumes(tmp_path / "padded.nii.gz", small_config(crops, tmp_path).data, normalization)
+        assert volume.array.min() == lowest and volume.array.dtype == padded.dtype
+        np.testing.assert_array_equal(volume.array[:, :, 6:], padded[:, :, 6:])

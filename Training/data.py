@@ -112,8 +112,9 @@ def load_volumes(source: str | Path, config: DataConfig, normalization: Normaliz
                 TrainingDataWarning, stacklevel=2,
             )
             continue
-        low, high = normalization.bounds(volume.array)
-        volumes.append(TrainingVolume(path.name, volume.array, low, high, slice_axis, truth_axes))
+        array = normalization.raise_to_floor(volume.array)  # as cycleinr upsample sees it: padding is air
+        low, high = normalization.bounds(array)
+        volumes.append(TrainingVolume(path.name, array, low, high, slice_axis, truth_axes))
     if not volumes:
         raise DataSourceError(f"{source}: no usable training volume "
                               f"({'see the warnings above' if paths else 'no ' + ', '.join(VOLUME_SUFFIXES) + ' files there'})")
