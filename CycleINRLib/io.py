@@ -62,13 +62,19 @@ class Volume:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI/NRRD/MHA file or a DICOM series folder as a validated 3D scalar volume."""
+    """Read a NIfTI/NRRD/MHA file, a DICOM series folder or one file of a DICOM series (the
+    series it belongs to, from its folder) as a validated 3D scalar volume."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise InputError(f"{path}: permission denied")  # SimpleITK would say it does not exist
-    image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    elif (series := _series_of_dicom_slice(path)) is not None:
+        image = _read_dicom_series(path.parent, series)
+    else:
+        image = _read_file(path)
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise InputError(f"{path}: vector/RGB image with {image.GetNumberOfComponentsPerPixel()} components; a scalar volume is needed")
     if image.GetDimension() != 3:
@@ -163,20 +169,53 @@ def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
     return start, start + voxels * bitpix // 8, dtype
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def _series_of_dicom_slice(path: Path) -> str | None:
+    """The Series Instance UID of a DICOM file holding one slice, None for any other file
+    (a multi-frame DICOM file is a volume by itself)."""
+    with _native_stderr_captured():
+        if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) != "GDCMImageIO":
+            return None
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(path))
+        try:
+            header.ReadImageInformation()
+        except RuntimeError:
+            return None  # _read_file says why
+    if header.GetDimension() == 3 and header.GetSize()[2] > 1 or not header.HasMetaDataKey("0020|000e"):
+        return None
+    return header.GetMetaData("0020|000e").strip(" \0")
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image:
+    """The folder's only DICOM series, or the one with `series_uid`."""
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise InputError(f"{folder}: folder holds no DICOM series")
-    if len(series) > 1:
-        raise InputError(f"{folder}: folder holds {len(series)} DICOM series; point to one series")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if series_uid is None and len(series) > 1:
+        raise InputError(f"{folder}: folder holds {len(series)} DICOM series: {_series_listing(reader, folder, series)}; "
+                         f"give one file of the series to read as the input")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0])
     _check_uniform_dicom_spacing(folder, files)
     reader.SetFileNames(files)
     try:
         return reader.Execute()
     except RuntimeError as error:
         raise InputError(f"{folder}: DICOM series cannot be read ({str(error).strip()[:160]})") from None
+
+
+def _series_listing(reader: sitk.ImageSeriesReader, folder: Path, series: tuple[str, ...], shown: int = 6) -> str:
+    """'"AXIAL 5mm" (120 files, e.g. IM0001), ...': what tells a user's series apart."""
+    entries = []
+    for uid in series[:shown]:
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        header = sitk.ImageFileReader()
+        header.SetFileName(files[0])
+        header.ReadImageInformation()
+        description = header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else ""
+        entries.append(f'"{description or uid}" ({len(files)} files, e.g. {Path(files[0]).name})')
+    more = f", and {len(series) - shown} more" if len(series) > shown else ""
+    return ", ".join(entries) + more
 
 
 def _check_uniform_dicom_spacing(folder: Path, files: tuple[str, ...]) -> None:

@@ -181,20 +181,71 @@ def _time_series(path: Path) -> Path:
 
 
 def _non_uniform_dicom_series(folder: Path) -> Path:
-    folder.mkdir()
-    for index, z in enumerate([0.0, 5.0, 10.0, 17.5]):
-        image = sitk.GetImageFromArray(np.full((1, 8, 8), index, np.int16))
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
+    image = sitk.GetImageFromArray(np.repeat(np.arange(4, dtype=np.int16), 64).reshape(4, 8, 8))
+    return _dicom_series(image, folder, "1.2.3.4", "UNEVEN", positions=[(0, 0, z) for z in (0.0, 5.0, 10.0, 17.5)])
+
+
+def _dicom_series(image: sitk.Image, folder: Path, series_uid: str, description: str, positions=None) -> Path:
+    """`image` written as a DICOM series, one file per slice, with its geometry in the headers
+    (`positions`: each slice's Image Position (Patient) instead of the image's grid)."""
+    folder.mkdir(exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
         for key, value in {
-            "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0008|0060": "CT",
-            "0020|0032": f"0\\0\\{z}", "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(index + 1),
-            "0008|0018": f"1.2.3.4.{index + 1}",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": series_uid, "0008|0060": "MR",
+            "0008|103e": description, "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0032": "\\".join(f"{v:.8g}" for v in (positions[k] if positions else
+                                                         image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            "0020|0037": "\\".join(f"{v:.8g}" for v in (*direction[:, 0], *direction[:, 1])),
+            "0018|0050": f"{image.GetSpacing()[2]:g}",
         }.items():
-            image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{index}.dcm"))
-        writer.Execute(image)
+            plane.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{series_uid.rsplit('.', 1)[-1]}-{k + 1:03d}.dcm"))
+        writer.Execute(plane)
     return folder
+
+
+def _oblique_mr_crop(shared_data: Path) -> sitk.Image:
+    """A 64x56x8 crop of the real oblique brain MR (6.5 mm slices, tilted direction matrix)."""
+    return sitk.ReadImage(str(shared_data / "demo/pgbm-001_brain_mr_t1post_6.5mm.nii.gz"))[100:164, 130:186, 8:16]
+
+
+def test_a_dicom_series_upsamples_as_the_same_volume_in_nrrd(shared_data, tmp_path):
+    crop = _oblique_mr_crop(shared_data)
+    sitk.WriteImage(crop, str(tmp_path / "crop.nrrd"))
+    series = _dicom_series(crop, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.7.1", "T1 POST AX")
+    outputs = []
+    for source in (tmp_path / "crop.nrrd", series, series / "1-004.dcm"):  # a folder, or any file of the series
+        output = tmp_path / f"out{len(outputs)}.nrrd"
+        result = cycleinr("upsample", source, output, "--factor", "2.5")
+        assert result.returncode == 0, result.stderr
+        outputs.append(sitk.ReadImage(str(output)))
+    reference = outputs[0]
+    assert reference.GetSize() == (64, 56, 18)
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(output), sitk.GetArrayFromImage(reference))
+        np.testing.assert_allclose(output.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(output.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(output.GetDirection(), reference.GetDirection(), atol=1e-6)
+
+
+def test_a_file_picks_its_series_from_a_folder_of_several(shared_data, tmp_path):
+    """A folder with two series is refused in one line that tells them apart; one file of a
+    series reads that series."""
+    crop = _oblique_mr_crop(shared_data)
+    folder = _dicom_series(crop, tmp_path / "study", "1.2.826.0.1.3680043.2.1125.7.1", "T1 POST AX")
+    _dicom_series(crop[:, :, :3], folder, "1.2.826.0.1.3680043.2.1125.7.2", "LOCALIZER")
+    output = tmp_path / "out.nrrd"
+    result = cycleinr("upsample", folder, output, "--factor", "2")
+    assert_refused(result, output, 'holds 2 DICOM series: "T1 POST AX" (8 files, e.g. 1-001.dcm), '
+                                   '"LOCALIZER" (3 files, e.g. 2-001.dcm); give one file of the series')
+    for name, slices in (("1-002.dcm", 15), ("2-003.dcm", 5)):
+        result = cycleinr("upsample", folder / name, output, "--factor", "2", "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert sitk.ReadImage(str(output)).GetSize()[2] == slices
 
 
 def _folder(path: Path) -> Path:
