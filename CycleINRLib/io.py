@@ -25,6 +25,7 @@ from .errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
 SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
+MAX_SLICE_TILT_DEGREES = 0.5  # DICOM slices stacked further off their normal are sheared (gantry tilt)
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Imag
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series: {_series_listing(reader, folder, series)}; "
                          f"give one file of the series to read as the input")
     files = reader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0])
-    _check_uniform_dicom_spacing(folder, files)
+    _check_dicom_slice_positions(folder, files)
     reader.SetFileNames(files)
     try:
         return reader.Execute()
@@ -218,9 +219,10 @@ def _series_listing(reader: sitk.ImageSeriesReader, folder: Path, series: tuple[
     return ", ".join(entries) + more
 
 
-def _check_uniform_dicom_spacing(folder: Path, files: tuple[str, ...]) -> None:
-    """Refuse series with gaps or uneven slices: a single spacing would misplace them."""
-    positions = []
+def _check_dicom_slice_positions(folder: Path, files: tuple[str, ...]) -> None:
+    """Refuse series with gaps, uneven slices or a gantry tilt: one spacing and an orthogonal
+    grid, which is what ITK makes of any series, would misplace their slices."""
+    positions, orientation = [], None
     for name in files:
         header = sitk.ImageFileReader()
         header.SetFileName(name)
@@ -228,14 +230,27 @@ def _check_uniform_dicom_spacing(folder: Path, files: tuple[str, ...]) -> None:
         if not header.HasMetaDataKey("0020|0032"):
             raise InputError(f"{folder}: DICOM file {Path(name).name} has no Image Position (Patient)")
         positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+        if orientation is None and header.HasMetaDataKey("0020|0037"):
+            orientation = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
     if len(positions) < 2:
         raise InputError(f"{folder}: DICOM series has {len(positions)} slice; a volume needs several")
-    gaps = np.linalg.norm(np.diff(np.asarray(positions), axis=0), axis=1)
+    steps = np.diff(np.asarray(positions), axis=0)
+    gaps = np.linalg.norm(steps, axis=1)
     if gaps.min() <= 0 or (gaps.max() - gaps.min()) > SLICE_SPACING_TOLERANCE * gaps.mean():
         raise InputError(
             f"{folder}: non-uniform slice spacing in DICOM series "
             f"({gaps.min():.3g} to {gaps.max():.3g} mm); resample it to a uniform grid first"
         )
+    if orientation is not None and len(orientation) == 6:
+        normal = np.cross(orientation[:3], orientation[3:])
+        stacking = steps.sum(axis=0)
+        tilt = np.degrees(np.arccos(min(1.0, abs(stacking @ normal) / (np.linalg.norm(stacking) * np.linalg.norm(normal)))))
+        if tilt > MAX_SLICE_TILT_DEGREES:
+            raise InputError(
+                f"{folder}: DICOM slices are stacked {tilt:.1f} degrees off their normal (a gantry tilt), "
+                f"which an orthogonal volume grid cannot hold; resample it to a regular grid first (3D Slicer's DICOM "
+                f"import does, with its acquisition geometry regularization)"
+            )
 
 
 def validate_volume(volume: Volume, name: str) -> Volume:

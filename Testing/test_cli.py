@@ -180,9 +180,10 @@ def _time_series(path: Path) -> Path:
     return path
 
 
-def _non_uniform_dicom_series(folder: Path) -> Path:
+def _dicom_series_at(folder: Path, positions) -> Path:
+    """A 4-slice DICOM series with its slices at `positions` (axial orientation)."""
     image = sitk.GetImageFromArray(np.repeat(np.arange(4, dtype=np.int16), 64).reshape(4, 8, 8))
-    return _dicom_series(image, folder, "1.2.3.4", "UNEVEN", positions=[(0, 0, z) for z in (0.0, 5.0, 10.0, 17.5)])
+    return _dicom_series(image, folder, "1.2.3.4", "ODD GEOMETRY", positions=positions)
 
 
 def _dicom_series(image: sitk.Image, folder: Path, series_uid: str, description: str, positions=None) -> Path:
@@ -299,6 +300,7 @@ def _cut_short(path: Path) -> Path:
         ("spacing_too_fine", "target spacing 0.2 mm is 25 times finer"),
         ("too_large_for_budget", "4 -> 7 slices of 8x8 voxels need 0.00 GB for the input and output arrays and 0.5 GB"),
         ("dicom_non_uniform", "non-uniform slice spacing"),
+        ("dicom_gantry_tilt", "DICOM slices are stacked 15.0 degrees off their normal (a gantry tilt)"),
         ("output_exists", "--overwrite"),
         ("output_folder_missing", "does not exist"),
         ("bad_weights", "safetensors"),
@@ -336,7 +338,11 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
         "spacing_too_large": lambda: [good, output, "--spacing", 6],
         "spacing_too_fine": lambda: [good, output, "--spacing", 0.2],
         "too_large_for_budget": lambda: [good, output, "--factor", 2, "--max-memory", 0.1],
-        "dicom_non_uniform": lambda: [_non_uniform_dicom_series(tmp_path / "series"), output, "--factor", 2],
+        "dicom_non_uniform": lambda: [_dicom_series_at(tmp_path / "series", [(0, 0, z) for z in (0.0, 5.0, 10.0, 17.5)]),
+                                      output, "--factor", 2],
+        # 5 mm slices shifted 1.34 mm along y each: a 15 degree gantry tilt, which ITK reads as 5.18 mm axial slices
+        "dicom_gantry_tilt": lambda: [_dicom_series_at(tmp_path / "series", [(0, 1.34 * k, 5.0 * k) for k in range(4)]),
+                                      output, "--factor", 2],
         "output_exists": lambda: [good, good, "--factor", 2],
         "output_folder_missing": lambda: [good, tmp_path / "nowhere" / "out.nii.gz", "--factor", 2],
         "bad_weights": lambda: [good, output, "--factor", 2, "--weights", good],
