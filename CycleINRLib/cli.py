@@ -1,8 +1,8 @@
 """The `cycleinr` command: upsample, snli, evaluate.
 
-Every command turns bad input into one line on stderr and exit code 2; an interrupt or
-SIGTERM (how a GUI cancels) leaves no partial output and exits 130, and so does a GUI that
-goes away while it reads the JSON progress lines.
+Every command turns bad input, and a file it cannot write, into one line on stderr and exit
+code 2; an interrupt or SIGTERM (how a GUI cancels) leaves no partial output and exits 130,
+and so does a GUI that goes away while it reads the JSON progress lines.
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args, reporter) or 0
     except InputError as error:
         reporter.error(str(error))
+        return EXIT_BAD_INPUT
+    except OSError as error:  # a full disk, a folder removed while writing: outside the program, one line too
+        reporter.error(f"{error.filename}: {error.strerror}" if error.filename and error.strerror
+                       else f"cannot read or write: {error.strerror or error}")
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, UpsampleCancelled) as cancelled:
         reason = str(cancelled) if isinstance(cancelled, ProgressReaderGone) else "cancelled"

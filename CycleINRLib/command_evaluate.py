@@ -50,7 +50,7 @@ def register(commands) -> None:
                         help="how the thick-slice input is made: interval keeps every k-th slice, thick averages "
                              "a box k slices wide around it; both can be given (default: interval)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
-                        help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest")
+                        help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest (k for square pixels coarser than the slices)")
     parser.add_argument("--range", dest="value_range", default="ct", metavar="ct|truth|LOW:HIGH",
                         help="clip values to this range before PSNR/SSIM, its width being the data range; "
                         "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
@@ -70,7 +70,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace, reporter: Reporter) -> int:
-    cases = [parse_case(text) for text in args.cases]
+    cases = list(dict.fromkeys(parse_case(text) for text in args.cases))  # a case given twice is measured once
     value_range = _parse_range(args.value_range)
     paths = _truth_paths(args.truth)
     output_dir = _check_output_dir(Path(args.output_dir), args.overwrite)
@@ -86,12 +86,15 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     staging = output_dir.parent / partial_name(output_dir.name)
     staging.mkdir()
     try:
-        rows, names, ranges = [], [], []
+        rows, names, ranges, truths = [], [], [], []
         for path in paths:
             reporter.progress(len(done) / total, f"reading {path.name}")
             volume = read_volume(path)
             axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
             name = _unique_name(path, names)
+            truths.append(f"{name} (slice axis {'ijk'[axis]}, {volume.spacing[axis]:g} mm)")
+            for warning in _unexpected_input_warnings(path, volume.array, methods):
+                reporter.warning(warning)
             volume_range = value_range or (float(volume.array.min()), float(volume.array.max()))
             if not volume_range[1] > volume_range[0]:
                 raise InputError(f"{path}: every voxel is {volume_range[0]:g}; --range truth needs a truth with "
@@ -105,16 +108,24 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         if len(paths) > 1:
             rows += mean_rows(rows)
         write_csv(rows, staging / "results.csv")
-        notes = _notes(args.degradation, methods, names, ranges, lpips, lpips_reason)
+        notes = _notes(args.degradation, methods, truths, ranges, lpips, lpips_reason)
         table = markdown_table(rows, notes)
         (staging / "results.md").write_text(table)
         written = sorted(p.name for p in staging.iterdir())
         _publish(staging, output_dir)
+    except OSError as error:  # a full disk: the staging folder goes, and nothing was published
+        raise InputError(f"{output_dir}: cannot be written ({error.strerror or error})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary = {"output_dir": str(output_dir.resolve()), "rows": len(rows), "files": written}
     reporter.done(summary, f"{table}\n{len(written)} files -> {output_dir}")
     return 0
+
+
+def _unexpected_input_warnings(path: Path, truth, methods) -> list[str]:
+    """What the learned methods' weights say of this truth, once per weights file."""
+    return sorted({f"{path.name}: {unexpected}; {method.weights.path.name} expects CT" for method in methods
+                   if method.weights and (unexpected := method.weights.config.normalization.unexpected_input(truth))})
 
 
 def _draw(result, name: str, folder: Path) -> None:
@@ -203,10 +214,10 @@ def _publish(staging: Path, output_dir: Path) -> None:
         os.replace(item, output_dir / item.name)
 
 
-def _notes(degradations, methods, names, ranges, lpips: bool, lpips_reason: str) -> list[str]:
+def _notes(degradations, methods, truths, ranges, lpips: bool, lpips_reason: str) -> list[str]:
     spans = sorted({f"[{low:g}, {high:g}] (data range {high - low:g})" for low, high in ranges})
     return [
-        f"ground truth: {', '.join(names)}",
+        f"ground truth: {', '.join(truths)}",
         "degradation " + "; ".join(DEGRADATION_NOTES[d] for d in degradations),
         "methods: " + "; ".join(f"{m.name} = {m.description}" for m in methods),
         "gen: generated slices only (output slices that coincide with no input slice); all: every output slice",

@@ -19,7 +19,7 @@ def register(commands) -> None:
     )
     parser.add_argument("volume", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
-                        help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest")
+                        help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest (k for square pixels coarser than the slices)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object, with the per-slice levels, instead of text")
     parser.add_argument("--plot", metavar="PNG", help="also draw the per-slice noise profile into this PNG file")

@@ -11,10 +11,8 @@ from . import engine, geometry
 from .checkpoint import load_model
 from .config import DEVICES
 from .errors import InputError
-from .io import check_output_path, read_volume, write_volume
+from .io import check_output_can_hold, check_output_path, read_volume, write_volume
 from .progress import Reporter
-
-CT_AIR_CEILING_HU = -500  # a CT in HU has air near -1000; an input whose minimum lies above this is not one
 
 
 def register(commands) -> None:
@@ -30,7 +28,7 @@ def register(commands) -> None:
     amount.add_argument("--factor", type=float, help=f"upsampling factor r, 1 < r <= {geometry.MAX_FACTOR:g}, may be fractional (2.5)")
     amount.add_argument("--spacing", type=float, help="target slice spacing in mm (smaller than the input's)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
-                        help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest")
+                        help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest (k for square pixels coarser than the slices)")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto: CUDA, then Apple MPS, then the CPU (default: auto)")
     parser.add_argument("--weights", help="weights file (.safetensors); default: the bundled CT weights")
@@ -65,6 +63,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     reporter.set_stage("read")
     reporter.progress(0.0, f"reading {Path(args.input).name}")
     volume = read_volume(args.input)
+    check_output_can_hold(volume, output)
     axis = geometry.slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
     factor = args.factor if args.factor is not None else geometry.factor_for_spacing(volume.spacing[axis], args.spacing)
     factor = geometry.check_factor(factor)
@@ -72,9 +71,8 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     engine.check_memory_budget(slices_first, factor, volume.array.dtype, args.max_memory, args.flip_ensemble)
     if not weights.trained:
         reporter.warning(f"using {weights.label}: the result is not a trained super-resolution")
-    if weights.config.normalization.kind == "window" and volume.array.min() > CT_AIR_CEILING_HU:
-        reporter.warning(f"the input's lowest value is {volume.array.min()}, so it does not look like CT in HU "
-                         f"(air is about -1000); {weights.path.name} expects CT")
+    if unexpected := weights.config.normalization.unexpected_input(volume.array):
+        reporter.warning(f"{unexpected}; {weights.path.name} expects CT")
 
     reporter.set_stage("upsample")
     result = engine.upsample_volume(

@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # what `--device`, `run.device` and th
 # Below it a CT holds no tissue but the padding outside the scanner's field of view (-2000,
 # -2048, -3024 HU, vendor by vendor); reconstructions and our training data stop at -1024.
 CT_FLOOR_HU = -1024.0
+CT_AIR_CEILING_HU = -500  # a CT in HU has air near -1000; an input whose minimum lies above this is not one
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class Normalization:
     def floor(self) -> float | None:
         """The lowest value that can be tissue (CT), None where any value can be (MR)."""
         return CT_FLOOR_HU if self.kind == "window" else None
+
+    def unexpected_input(self, array: np.ndarray) -> str | None:
+        """Why `array` does not look like what weights with this normalization expect, or None."""
+        if self.kind == "window" and array.min() > CT_AIR_CEILING_HU:
+            return f"the input's lowest value is {array.min()}, so it does not look like CT in HU (air is about -1000)"
+        return None
 
     def raise_to_floor(self, array: np.ndarray) -> np.ndarray:
         """`array` with values below the floor set to it (a copy, same dtype), or `array` itself.

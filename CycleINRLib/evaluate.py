@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from .baselines import BASELINES, interpolate
 from .degrade import degrade
 from .errors import InputError
 from .geometry import acquired_slice_matches, check_factor, output_slice_count
+
+if TYPE_CHECKING:
+    from .checkpoint import WeightsInfo  # imports torch, which only the learned methods need
 
 METHODS = BASELINES + ("cycleinr", "cycleinr-noise")
 METHOD_DESCRIPTIONS = {
@@ -61,6 +64,7 @@ class Method:
     name: str
     upsample: Upsampler
     description: str
+    weights: WeightsInfo | None = None  # what a learned method runs with
 
 
 @dataclass
@@ -123,7 +127,8 @@ def _cycleinr_method(weights: str | None, device: str, match_noise: bool, flip_e
     flags = (("--match-noise", match_noise), ("--flip-ensemble", flip_ensemble), ("--bf16", bf16))
     options = [flag for flag, on in flags if on]
     described = "CycleINR" + (" with " + " and ".join(options) if options else "")
-    return Method("cycleinr-noise" if match_noise else "cycleinr", upsample, f"{described}, weights {info.label}, {device}")
+    return Method("cycleinr-noise" if match_noise else "cycleinr", upsample, f"{described}, weights {info.label}, {device}",
+                  info)
 
 
 def check_case_fits(slices: int, case: Case, name: str) -> None:
@@ -151,6 +156,10 @@ def evaluate_volume(
     method of each case with a label. Metrics: PSNR over the voxels of the slices
     concerned, mean per-slice 2D SSIM, LPIPS (mean per slice) when `lpips`, and SNLI.
     """
+    slice_shape = [n for a, n in enumerate(truth.shape) if a != axis]
+    if min(slice_shape) < metrics.SSIM_WINDOW:
+        raise InputError(f"{name}: slices of {slice_shape[1]}x{slice_shape[0]} voxels are smaller than SSIM's "
+                         f"{metrics.SSIM_WINDOW}x{metrics.SSIM_WINDOW} window")
     results = []
     for case in cases:
         check_case_fits(truth.shape[axis], case, name)

@@ -18,16 +18,20 @@ from .errors import InputError
 
 MAX_FACTOR = 20.0
 COINCIDENCE_TOLERANCE = 1e-6  # in input-slice units
+FACTOR_ROUNDING = 1e-6  # relative: a spacing stored as float32 may turn a factor of 20 into 20.0000004
 
 
 def slice_axis(spacing: tuple[float, ...], axis: int | None = None) -> int:
     """The ITK index axis (0=i, 1=j, 2=k) to upsample: the coarsest one unless given.
 
-    Ties go to the highest axis, so an isotropic volume is upsampled along k.
+    Ties go to the highest axis, so an isotropic volume is upsampled along k, except that
+    square pixels coarser than the slices (a thin-slice CT: 0.7 mm pixels, 0.625 mm slices)
+    leave k the slice axis: i and j are the rows and columns of the acquired slices.
     """
     if axis is None:
         largest = max(spacing)
-        return max(a for a, s in enumerate(spacing) if math.isclose(s, largest, rel_tol=1e-6))
+        coarsest = [a for a, s in enumerate(spacing) if math.isclose(s, largest, rel_tol=1e-6)]
+        return 2 if coarsest == [0, 1] else coarsest[-1]
     if axis not in (0, 1, 2):
         raise InputError(f"slice axis must be auto, 0, 1 or 2, not {axis}")
     return axis
@@ -43,12 +47,12 @@ def factor_for_spacing(input_spacing: float, target_spacing: float) -> float:
             f"slice spacing {input_spacing:g} mm; nothing to upsample"
         )
     factor = input_spacing / target_spacing
-    if factor > MAX_FACTOR:
+    if factor > MAX_FACTOR * (1 + FACTOR_ROUNDING):
         raise InputError(
             f"target spacing {target_spacing:g} mm is {factor:.3g} times finer than the input's slice spacing "
             f"{input_spacing:g} mm; the largest supported factor is {MAX_FACTOR:g} ({input_spacing / MAX_FACTOR:.3g} mm)"
         )
-    return factor
+    return min(factor, MAX_FACTOR)  # 4.9 mm, stored as 4.900000095 in NIfTI, to 0.245 mm is 20
 
 
 def check_factor(factor: float) -> float:

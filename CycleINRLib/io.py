@@ -25,6 +25,7 @@ from .errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
 SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
+ORTHOGONALITY_TOLERANCE = 1e-4  # direction matrices off by more are sheared
 MAX_SLICE_TILT_DEGREES = 0.5  # DICOM slices stacked further off their normal are sheared (gantry tilt)
 
 
@@ -123,7 +124,9 @@ def _check_nifti_data(path: Path) -> None:
     and turns NaN voxels of a float NIfTI file into zeros (NRRD and MetaImage readers refuse
     the first, keep the second for `validate_volume` to refuse): neither must pass for data."""
     try:
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as handle:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == GZIP_MAGIC  # by content, as ITK reads it: a .nii.gz may be plain
+        with (gzip.open if compressed else open)(path, "rb") as handle:
             layout = _nifti_layout(handle.read(540))
             if layout is None:
                 return  # not a header this check understands; ITK read it, so trust ITK
@@ -144,6 +147,7 @@ def _check_nifti_data(path: Path) -> None:
 
 
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
@@ -286,11 +290,31 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[
     return path
 
 
+def check_output_can_hold(volume: Volume, path: str | os.PathLike) -> None:
+    """Refuse a NIfTI output for sheared (non-orthogonal) directions, which NIfTI's writer would
+    square up without a word, moving the slices; NRRD and MetaImage keep them."""
+    if Path(path).name.endswith((".nii", ".nii.gz")):
+        direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=ORTHOGONALITY_TOLERANCE):
+            raise InputError(f"{path}: NIfTI cannot hold the input's sheared (non-orthogonal) directions; "
+                             f"write .nrrd or .mha")
+
+
 def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write atomically: nothing appears at `path` unless the whole file was written."""
     path = check_output_path(path, overwrite)
+    check_output_can_hold(volume, path)
     with atomic_output(path) as temporary:
-        sitk.WriteImage(volume.to_sitk(), str(temporary), useCompression=True)
+        with _native_stderr_captured() as native_messages:
+            try:
+                sitk.WriteImage(volume.to_sitk(), str(temporary), useCompression=True)
+                failed = None
+            except RuntimeError as error:
+                failed = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        # NIfTI's writer reports a short write (a full disk) on stderr only and returns as if it had written
+        reason = next((line for line in native_messages if "ERROR" in line), failed)
+        if reason:
+            raise InputError(f"{path}: cannot be written ({' '.join(reason.replace(str(temporary), path.name).split())[:160]})")
     return path
 
 

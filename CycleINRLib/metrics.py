@@ -53,7 +53,7 @@ def _noise_level(plane: np.ndarray) -> float:
     plane = plane.astype(np.float64)
     _, (_, _, diagonal) = pywt.dwt2(plane, NOISE_WAVELET)
     magnitudes = np.abs(diagonal)
-    informative = magnitudes[magnitudes > FLAT_TOLERANCE * max(1.0, np.abs(plane).max())]
+    informative = magnitudes[magnitudes > FLAT_TOLERANCE * np.abs(plane).max()]
     return float(np.median(informative) / GAUSSIAN_MAD) if informative.size else 0.0
 
 
@@ -85,9 +85,12 @@ def psnr(truth: np.ndarray, test: np.ndarray, value_range: tuple[float, float] =
         clip_to_range(truth, value_range), clip_to_range(test, value_range), data_range=high - low))
 
 
+SSIM_WINDOW = 7  # scikit-image's default: a slice must be at least this many voxels each way
+
+
 def slice_ssim(truth: np.ndarray, test: np.ndarray, axis: int = 0,
                value_range: tuple[float, float] = CT_RANGE) -> np.ndarray:
-    """2D SSIM (scikit-image defaults: 7x7 window) of every slice perpendicular to numpy `axis`.
+    """2D SSIM (scikit-image defaults: SSIM_WINDOW x SSIM_WINDOW) of every slice perpendicular to numpy `axis`.
 
     Per slice rather than 3D so that any subset of slices (e.g. only the generated ones)
     can be averaged.
@@ -95,7 +98,7 @@ def slice_ssim(truth: np.ndarray, test: np.ndarray, axis: int = 0,
     from skimage.metrics import structural_similarity  # here, as in psnr
 
     low, high = value_range
-    return np.array([structural_similarity(a, b, data_range=high - low)
+    return np.array([structural_similarity(a, b, win_size=SSIM_WINDOW, data_range=high - low)
                      for a, b in _clipped_slice_pairs(truth, test, axis, value_range)])
 
 

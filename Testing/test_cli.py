@@ -1,6 +1,7 @@
 """`cycleinr upsample` as a user runs it: a real subprocess on a real CT crop."""
 
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -159,6 +160,29 @@ def test_padding_outside_the_field_of_view_stays_padding(shared_data, tmp_path):
         outputs[padding] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"out{padding}.nrrd")))
     np.testing.assert_array_equal(outputs[-3024][:, ~outside], outputs[-1024][:, ~outside])
     assert (outputs[-3024][:, outside] == -3024).all()
+
+
+def test_sheared_directions_are_kept_in_nrrd_and_refused_for_nifti(ct_crop, tmp_path):
+    """NIfTI's writer would square a sheared grid up without a word, moving the slices by mm."""
+    sheared = sitk.ReadImage(str(ct_crop))
+    sheared.SetDirection((1, 0, 0, 0, 1, 0.2, 0, 0, 1))
+    sitk.WriteImage(sheared, str(tmp_path / "sheared.nrrd"))
+    assert_refused(cycleinr("upsample", tmp_path / "sheared.nrrd", tmp_path / "out.nii.gz", "--factor", "2"),
+                   tmp_path / "out.nii.gz", "NIfTI cannot hold the input's sheared (non-orthogonal) directions")
+    result = cycleinr("upsample", tmp_path / "sheared.nrrd", tmp_path / "out.nrrd", "--factor", "2")
+    assert result.returncode == 0, result.stderr
+    output = sitk.ReadImage(str(tmp_path / "out.nrrd"))  # NRRD stores unit columns and longer steps: the same grid
+    steps = np.reshape(output.GetDirection(), (3, 3)) * output.GetSpacing()
+    expected = np.reshape(sheared.GetDirection(), (3, 3)) * (np.array(sheared.GetSpacing()) / [1, 1, 2])
+    np.testing.assert_allclose(steps, expected, atol=1e-6)
+
+
+def test_a_plain_nifti_file_named_nii_gz_is_read(ct_crop, tmp_path):
+    """ITK goes by the content; so does the check of the voxel data that runs after it."""
+    sitk.WriteImage(sitk.ReadImage(str(ct_crop)), str(tmp_path / "plain.nii"))
+    (tmp_path / "plain.nii").rename(tmp_path / "misnamed.nii.gz")
+    result = cycleinr("upsample", tmp_path / "misnamed.nii.gz", tmp_path / "out.nrrd", "--factor", "2")
+    assert result.returncode == 0, result.stderr
 
 
 def _write(tmp_path, name, array, spacing=None):
@@ -403,6 +427,28 @@ def _upsampling_process(ct_crop, output: Path) -> subprocess.Popen:
         if json.loads(line).get("stage") == "upsample":
             break
     return process
+
+
+def _file_size_limit(limit_bytes: int):
+    """A child whose files cannot grow past `limit_bytes`: its writes fail (EFBIG) as on a full disk."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return limit
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop, tmp_path, suffix):
+    """NIfTI's writer reports a short write on stderr only and carries on: the command must not say done."""
+    output = tmp_path / f"up{suffix}"
+    result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output),
+                             "--factor", "4", "--json-progress"], capture_output=True, text=True, timeout=300,
+                            cwd=REPO, preexec_fn=_file_size_limit(64 * 1024))
+    assert result.returncode == 2, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[-1]["event"] == "error" and "cannot be written" in events[-1]["message"]
+    assert not any(event["event"] == "done" for event in events)
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):

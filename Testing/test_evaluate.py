@@ -120,6 +120,8 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
     identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
     write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), identity), volume)
     write_volume(Volume(np.zeros((11, 16, 16), np.int16), (1.0, 1.0, 2.0), (0, 0, 0), identity), constant)
+    narrow = write_volume(Volume(noisy_truth(slices=11, size=16)[:, :, :4].copy(), (1.0, 1.0, 2.0), (0, 0, 0), identity),
+                          tmp_path / "narrow.nii.gz")
     (tmp_path / "folder.png").mkdir()
     for arguments, reason in [
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "5:2"), "whole number"),
@@ -130,13 +132,14 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         (("evaluate", constant, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),
          "every voxel is 0; --range truth needs a truth with more than one value"),
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "20:2"), "too few"),
+        (("evaluate", narrow, "-o", tmp_path / "out", "--methods", "linear"), "slices of 4x16 voxels are smaller than SSIM's 7x7"),
         (("snli", volume, "--plot", tmp_path / "p.jpg"), "must end in .png"),
         (("snli", volume, "--plot", tmp_path / "folder.png", "--overwrite"), "is a folder"),
     ]:
         assert main([str(a) for a in arguments]) == 2, arguments
         stderr = capsys.readouterr().err
         assert reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "folder.png", "v.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "folder.png", "narrow.nii.gz", "v.nii.gz"]
 
 
 def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(tmp_path, capsys):
@@ -163,7 +166,7 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
     volume = write_volume(Volume(np.ascontiguousarray(crop), full.spacing, full.origin, full.direction),
                           tmp_path / "crop.nii.gz")
     output = tmp_path / "results"
-    done = cli("evaluate", volume, "-o", output, "--cases", "2:2", "5:2.5", "--methods", "linear", "cubic",
+    done = cli("evaluate", volume, "-o", output, "--cases", "2:2", "5:2.5", "2:2", "--methods", "linear", "cubic",
                "--degradation", "interval", "thick", "--json-progress")
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
@@ -181,6 +184,7 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
             assert float(row["psnr_generated"]) < float(row["psnr_all"])  # acquired slices are exact
     table = (output / "results.md").read_text()
     assert table.startswith("| volume | degradation | k:r | method |") and "LPIPS" in table
+    assert f"ground truth: crop (slice axis k, {full.spacing[2]:g} mm)" in table
     pictures = sorted(p.name for p in output.glob("*.png"))
     assert len(pictures) == 8 and "crop_thick_5-2.5_views.png" in pictures
     assert all((output / name).read_bytes().startswith(PNG_MAGIC) for name in pictures)
@@ -188,3 +192,18 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
 
     again = cli("evaluate", volume, "-o", output, "--cases", "2:2", "--methods", "linear")
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_evaluate_warns_when_the_truth_does_not_look_like_what_the_weights_expect(shared_data, tmp_path):
+    """A CT stored as HU + 1024 (unsigned) gets the warning `cycleinr upsample` gives, once."""
+    full = read_volume(shared_data / "ct" / "val" / "lidc-0002_chest_1.25mm.nii.gz")
+    k, j, i = (n // 2 for n in full.array.shape)
+    crop = full.array[k - 6:k + 6, j - 16:j + 16, i - 16:i + 16]
+    for name, array in (("hu", crop), ("shifted", (crop.astype(np.int32) + 1024).astype(np.uint16))):
+        write_volume(Volume(np.ascontiguousarray(array), full.spacing, full.origin, full.direction), tmp_path / f"{name}.nii.gz")
+        done = cli("evaluate", tmp_path / f"{name}.nii.gz", "-o", tmp_path / name, "--cases", "2:2",
+                   "--methods", "cycleinr", "cycleinr-noise", "--json-progress")
+        assert done.returncode == 0, done.stderr
+        warnings = [e["message"] for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "warning"]
+        assert warnings == ([f"shifted.nii.gz: the input's lowest value is {array.min()}, so it does not look like CT "
+                             "in HU (air is about -1000); cycleinr_ct.safetensors expects CT"] if name == "shifted" else [])

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
@@ -63,6 +62,19 @@ def test_integer_factor_output_coincides_with_acquired_slices():
 def test_slice_axis_defaults_to_coarsest_spacing():
     assert geometry.slice_axis((0.7, 5.0, 0.7)) == 1
     assert geometry.slice_axis((1.0, 1.0, 1.0)) == 2
+    assert geometry.slice_axis((0.5, 0.8, 0.8)) == 2
+
+
+def test_square_pixels_coarser_than_the_slices_leave_k_the_slice_axis():
+    """A thin-slice CT (0.68 mm pixels, 0.625 mm slices) is measured and upsampled along its slices."""
+    assert geometry.slice_axis((0.68, 0.68, 0.625)) == 2
+
+
+def test_the_largest_factor_survives_the_float32_spacing_of_nifti():
+    stored = float(np.float32(4.9))  # 4.900000095...
+    assert geometry.factor_for_spacing(stored, 0.245) == geometry.MAX_FACTOR
+    with pytest.raises(InputError, match="largest supported factor is 20"):
+        geometry.factor_for_spacing(stored, 0.2449)
 
 
 @pytest.mark.parametrize("factor", [1.0, 0.5, 20.5, float("nan")])

@@ -37,6 +37,14 @@ def test_flat_slice_has_level_zero():
     assert metrics.slice_noise_levels(np.full((2, 64, 64), -1024, dtype=np.int16), 0).tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("scale", [1e-11, 1e-3, 1e6])
+def test_noise_levels_scale_with_the_intensities(scale):
+    """Float data in any unit (an MR in arbitrary units, a map scaled to 1e-11) measure alike."""
+    volume = noisy_volume(SIGMAS[:3], size=128)
+    np.testing.assert_allclose(metrics.slice_noise_levels(volume * scale, 0),
+                               metrics.slice_noise_levels(volume, 0) * scale, rtol=1e-9)
+
+
 def test_snli_is_the_population_standard_deviation_of_the_levels():
     assert metrics.snli(np.array([4.0, 6.0, 4.0, 6.0])) == pytest.approx(1.0)
 
