@@ -7,6 +7,7 @@ an interrupted run leaves no half-written PNG.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -23,7 +24,9 @@ PANEL_INCHES = 2.4
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Write `figure` as PNG through a temporary file in the same folder, renamed when complete."""
     path = Path(path)
-    with atomic_output(path) as temporary:
+    with atomic_output(path) as temporary, warnings.catch_warnings():
+        # a volume of a few slices gives panels too small to lay out; the picture is still written
+        warnings.filterwarnings("ignore", message="constrained_layout not applied")
         figure.savefig(temporary, dpi=110, format="png")
     return path
 

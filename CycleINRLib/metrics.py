@@ -81,8 +81,9 @@ def psnr(truth: np.ndarray, test: np.ndarray, value_range: tuple[float, float] =
     from skimage.metrics import peak_signal_noise_ratio  # here: it loads scipy.stats, 0.6 s of every upsample's start
 
     low, high = value_range
-    return float(peak_signal_noise_ratio(
-        clip_to_range(truth, value_range), clip_to_range(test, value_range), data_range=high - low))
+    with np.errstate(divide="ignore"):  # identical volumes: inf dB, which is the answer, not a warning
+        return float(peak_signal_noise_ratio(
+            clip_to_range(truth, value_range), clip_to_range(test, value_range), data_range=high - low))
 
 
 SSIM_WINDOW = 7  # scikit-image's default: a slice must be at least this many voxels each way
