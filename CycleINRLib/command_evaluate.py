@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
             for degradation in args.degradation:
                 for result in evaluate_volume(volume.array, 2 - axis, volume.spacing[::-1], cases, methods,
                                               degradation, volume_range, name, lpips, step):
-                    rows += result.rows
+                    rows += [{**row, "slice_axis": "ijk"[axis]} for row in result.rows]
                     _draw(result, name, staging)
         if len(paths) > 1:
             rows += mean_rows(rows)

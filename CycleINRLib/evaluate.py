@@ -245,8 +245,8 @@ def mean_rows(rows: Sequence[dict]) -> list[dict]:
     means = []
     for (degradation, case, method), members in groups.items():
         mean = {"volume": f"mean of {len(members)}", "degradation": degradation, "case": case, "method": method}
-        for key in members[0]:
-            if key not in mean:
+        for key, value in members[0].items():
+            if key not in mean and not isinstance(value, str):  # the metrics; not labels such as the slice axis
                 mean[key] = float(np.mean([member[key] for member in members]))
         means.append(mean)
     return means

@@ -175,6 +175,7 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
 
     with open(output / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
+    assert {r["slice_axis"] for r in rows} == {"k"}
     assert [(r["degradation"], r["case"], r["method"]) for r in rows] == [
         (d, c, m) for d in ("interval", "thick") for c in ("2:2", "5:2.5") for m in ("linear", "cubic")]
     for row in rows:
