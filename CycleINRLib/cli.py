@@ -27,6 +27,9 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) rather than a usage dump."""
 
     def error(self, message: str):  # noqa: D401 - argparse hook
+        if message.endswith("expected one argument"):  # "argument -o/--output-dir: expected one argument"
+            option = message.split()[1].rstrip(":").split("/")[-1]
+            message += f" (a value that starts with '-' is written {option}=VALUE)"
         raise _UsageError(f"{self.prog}: error: {message}")
 
 

@@ -127,6 +127,8 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "5:2"), "whole number"),
         (("evaluate", tmp_path / "missing.nii.gz", "-o", tmp_path / "out"), "no such file"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "9:3"), "greater than LOW"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "-1000:1000"),
+         "argument --range: expected one argument (a value that starts with '-' is written --range=VALUE)"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:inf"), "finite and at most 1e+12 apart"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:1e308"), "finite and at most 1e+12 apart"),
         (("evaluate", constant, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),

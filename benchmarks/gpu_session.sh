@@ -68,7 +68,10 @@ use_site() {
 }
 
 check() {
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
+    mkdir -p .site
+    # The GPU image lacks SimpleITK and PyWavelets; a Python that has them (.venv here) keeps its own.
+    "$PYTHON" -c "import SimpleITK, pywt" 2>/dev/null ||
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
     use_site
     timeout 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider Testing/test_model.py Testing/test_engine.py Testing/test_training.py \
         -k "cuda or bfloat16" 2>&1 | tee "$OUT/tests.log" || echo "CUDA tests FAILED (tests.log); the benchmarks follow"
