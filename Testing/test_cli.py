@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from CycleINRLib.checkpoint import load_model, save_model  # noqa: E402
+from conftest import write_dicom_series  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THICK_SLICE_CT = "demo/lung-pet-ct-dx-a0002_chest_ct_8mm.nii.gz"
@@ -207,30 +208,7 @@ def _time_series(path: Path) -> Path:
 def _dicom_series_at(folder: Path, positions) -> Path:
     """A 4-slice DICOM series with its slices at `positions` (axial orientation)."""
     image = sitk.GetImageFromArray(np.repeat(np.arange(4, dtype=np.int16), 64).reshape(4, 8, 8))
-    return _dicom_series(image, folder, "1.2.3.4", "ODD GEOMETRY", positions=positions)
-
-
-def _dicom_series(image: sitk.Image, folder: Path, series_uid: str, description: str, positions=None) -> Path:
-    """`image` written as a DICOM series, one file per slice, with its geometry in the headers
-    (`positions`: each slice's Image Position (Patient) instead of the image's grid)."""
-    folder.mkdir(exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    for k in range(image.GetDepth()):
-        plane = image[:, :, k]
-        for key, value in {
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": series_uid, "0008|0060": "MR",
-            "0008|103e": description, "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}",
-            "0020|0032": "\\".join(f"{v:.8g}" for v in (positions[k] if positions else
-                                                         image.TransformIndexToPhysicalPoint((0, 0, k)))),
-            "0020|0037": "\\".join(f"{v:.8g}" for v in (*direction[:, 0], *direction[:, 1])),
-            "0018|0050": f"{image.GetSpacing()[2]:g}",
-        }.items():
-            plane.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"{series_uid.rsplit('.', 1)[-1]}-{k + 1:03d}.dcm"))
-        writer.Execute(plane)
-    return folder
+    return write_dicom_series(image, folder, "1.2.3.4", "ODD GEOMETRY", positions=positions)
 
 
 def _oblique_mr_crop(shared_data: Path) -> sitk.Image:
@@ -241,7 +219,7 @@ def _oblique_mr_crop(shared_data: Path) -> sitk.Image:
 def test_a_dicom_series_upsamples_as_the_same_volume_in_nrrd(shared_data, tmp_path):
     crop = _oblique_mr_crop(shared_data)
     sitk.WriteImage(crop, str(tmp_path / "crop.nrrd"))
-    series = _dicom_series(crop, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.7.1", "T1 POST AX")
+    series = write_dicom_series(crop, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.7.1", "T1 POST AX")
     outputs = []
     for source in (tmp_path / "crop.nrrd", series, series / "1-004.dcm"):  # a folder, or any file of the series
         output = tmp_path / f"out{len(outputs)}.nrrd"
@@ -261,8 +239,8 @@ def test_a_file_picks_its_series_from_a_folder_of_several(shared_data, tmp_path)
     """A folder with two series is refused in one line that tells them apart; one file of a
     series reads that series."""
     crop = _oblique_mr_crop(shared_data)
-    folder = _dicom_series(crop, tmp_path / "study", "1.2.826.0.1.3680043.2.1125.7.1", "T1 POST AX")
-    _dicom_series(crop[:, :, :3], folder, "1.2.826.0.1.3680043.2.1125.7.2", "LOCALIZER")
+    folder = write_dicom_series(crop, tmp_path / "study", "1.2.826.0.1.3680043.2.1125.7.1", "T1 POST AX")
+    write_dicom_series(crop[:, :, :3], folder, "1.2.826.0.1.3680043.2.1125.7.2", "LOCALIZER")
     output = tmp_path / "out.nrrd"
     result = cycleinr("upsample", folder, output, "--factor", "2")
     assert_refused(result, output, 'holds 2 DICOM series: "T1 POST AX" (8 files, e.g. 1-001.dcm), '

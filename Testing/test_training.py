@@ -33,7 +33,7 @@ from Training.export_weights import export  # noqa: E402
 from Training.error_by_band import band_errors, markdown, windowed_method  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
 from Training.train import ResumeError, check_resumable, train, train_step  # noqa: E402
-from conftest import DEVICES, NEEDS_CUDA  # noqa: E402
+from conftest import DEVICES, NEEDS_CUDA, write_dicom_series  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data"
@@ -531,6 +531,16 @@ def test_overrides_are_read_as_their_setting_s_type():
                               ("optim.lr=[1", "optim.lr=[1: not valid YAML")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_config(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", [override])
+
+
+def test_a_list_file_can_name_a_dicom_series_folder(crops, tmp_path):
+    """Training data straight from a scanner export: a listed folder is read as a DICOM series."""
+    crop = sitk.ReadImage(str(crops / "b.nii.gz"))
+    write_dicom_series(crop, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.9.1", "HEAD 1.5mm")
+    listing = tmp_path / "listing.txt"
+    listing.write_text("series\n")
+    [volume] = data.load_volumes(listing, small_config(crops, tmp_path).data, NAMED_CONFIGS["light"].normalization)
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(crop))
 
 
 def test_one_volume_file_is_a_training_set(crops):
