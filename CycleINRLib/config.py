@@ -14,7 +14,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # what `--device`, `run.device` and th
 # Below it a CT holds no tissue but the padding outside the scanner's field of view (-2000,
 # -2048, -3024 HU, vendor by vendor); reconstructions and our training data stop at -1024.
 CT_FLOOR_HU = -1024.0
-CT_AIR_CEILING_HU = -500  # a CT in HU has air near -1000; an input whose minimum lies above this is not one
+CT_AIR_CEILING_HU = -500  # a CT in HU has air near -1000; an input whose minimum lies above this
+HU_SPAN_FLOOR = 100  # and whose values span less than this (z-scored MR), or hold none below 0, is not one
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,10 @@ class Normalization:
 
     def unexpected_input(self, array: np.ndarray) -> str | None:
         """Why `array` does not look like what weights with this normalization expect, or None."""
-        if self.kind == "window" and array.min() > CT_AIR_CEILING_HU:
-            return f"the input's lowest value is {array.min()}, so it does not look like CT in HU (air is about -1000)"
+        lowest = array.min()
+        # A crop of soft tissue has no air but has fat, below 0 HU; MR and CT stored as HU + 1024 have nothing below 0.
+        if self.kind == "window" and lowest > CT_AIR_CEILING_HU and (lowest >= 0 or array.max() - lowest < HU_SPAN_FLOOR):
+            return f"the input's lowest value is {lowest}, so it does not look like CT in HU (air is about -1000)"
         return None
 
     def raise_to_floor(self, array: np.ndarray) -> np.ndarray:

@@ -127,14 +127,20 @@ def test_untrained_weights_are_announced(ct_crop, tmp_path):
     assert ("UNTRAINED" in result.stderr) == (not info.trained)
 
 
-def test_input_that_is_not_ct_is_announced(ct_crop, tmp_path):
-    """The shipped weights expect HU; a volume whose minimum is far above air gets a warning."""
+def test_input_that_is_not_ct_is_announced(ct_crop, shared_data, tmp_path):
+    """The shipped weights expect HU; a volume with no air and nothing below 0 (CT stored as HU +
+    1500, MR) gets a warning, a soft-tissue crop of a real CT (fat, no air) does not."""
     shifted = sitk.ReadImage(str(ct_crop)) + 1500
     sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
-    for source, expected in ((ct_crop, False), (tmp_path / "shifted.nrrd", True)):
-        result = cycleinr("upsample", source, tmp_path / f"{expected}.nrrd", "--factor", "2")
+    soft_tissue = sitk.ReadImage(str(shared_data / THICK_SLICE_CT))[176:240, 32:96, 0:8]  # -182..229 HU
+    sitk.WriteImage(soft_tissue, str(tmp_path / "soft_tissue.nrrd"))
+    mr = sitk.ReadImage(str(shared_data / "demo/pgbm-001_brain_mr_t1post_6.5mm.nii.gz"))[100:164, 130:186, 8:16]
+    sitk.WriteImage(mr, str(tmp_path / "mr.nrrd"))
+    for source, expected in ((ct_crop, False), (tmp_path / "shifted.nrrd", True), (tmp_path / "soft_tissue.nrrd", False),
+                             (tmp_path / "mr.nrrd", True)):
+        result = cycleinr("upsample", source, tmp_path / f"{Path(source).stem}_up.nrrd", "--factor", "2")
         assert result.returncode == 0, result.stderr
-        assert ("does not look like CT" in result.stderr) == expected, result.stderr
+        assert ("does not look like CT" in result.stderr) == expected, (source, result.stderr)
 
 
 def test_padding_outside_the_field_of_view_stays_padding(shared_data, tmp_path):
