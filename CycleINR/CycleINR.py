@@ -40,7 +40,7 @@ if str(LIBRARY_PARENT) not in sys.path:
 
 from CycleINRLib import geometry  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
 from CycleINRLib.errors import InputError  # noqa: E402
-from CycleINRJob import UpsampleJob, checkRequest, describeOutputGrid, upsampledAxis  # noqa: E402
+from CycleINRJob import UpsampleJob, checkRequest, describeOutputGrid, scalarVolumeArray, upsampledAxis  # noqa: E402
 
 # Import name -> requirement, for what the command line and the noise metrics need beyond
 # what Slicer ships (numpy and SimpleITK, which are never reinstalled) and torch.
@@ -554,6 +554,8 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         """SNLI and mean noise of input and output as text, and a per-slice noise chart node."""
         from CycleINRResults import addNoisePlot, noiseLevels, summary
 
+        scalarVolumeArray(inputVolumeNode, "input")
+        scalarVolumeArray(outputVolumeNode, "output")
         axis = upsampledAxis(inputVolumeNode, outputVolumeNode, axis)  # the output node records its run's
         inputLevels, outputLevels = noiseLevels(inputVolumeNode, axis), noiseLevels(outputVolumeNode, axis)
         text = summary(inputLevels, outputLevels)

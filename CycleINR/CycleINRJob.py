@@ -7,6 +7,7 @@ left behind is removed by the next run.
 """
 
 import math
+import numbers
 import os
 import re
 import shutil
@@ -30,36 +31,73 @@ FOLDER_PREFIX = "CycleINR-run-{pid}-"  # the pid of the Slicer that owns the fol
 OWNED_FOLDER = re.compile(r"CycleINR-run-(\d+)-")
 
 
+SCALAR_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"  # not its label-map, vector, DWI or DTI subclasses
+# What Slicer's NRRD writer takes (vtkITKImageWriter has no signed char or 64-bit integers).
+WRITABLE_PIXEL_TYPES = ("uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
+
+
 def checkRequest(inputNode, options: UpsampleOptions, outputNode=None) -> None:
     """Refuse, before anything is written, what the command line would refuse later (naming the
     node, not a temporary file), and an output node that would overwrite the input or could
     not hold the result."""
-    if inputNode is None or not inputNode.IsA("vtkMRMLVolumeNode") or inputNode.GetImageData() is None:
+    if inputNode is None or (_isScalarVolume(inputNode) and inputNode.GetImageData() is None):
         raise InputError("Select an input volume that holds image data.")
+    array = scalarVolumeArray(inputNode, "input")
     name = inputNode.GetName()
-    if not inputNode.IsA("vtkMRMLScalarVolumeNode") or inputNode.IsA("vtkMRMLLabelMapVolumeNode") \
-            or inputNode.IsA("vtkMRMLVectorVolumeNode"):
-        raise InputError(f"'{name}' is a {inputNode.GetClassName()}; a scalar (grey-value) volume is needed")
+    if inputNode.GetScene() is None:
+        raise InputError(f"'{name}' is in no scene; add it to the scene first")
+    if array.dtype.name not in WRITABLE_PIXEL_TYPES:
+        raise InputError(f"'{name}' has pixel type {array.dtype.name}, which Slicer cannot hand over; "
+                         f"cast it to one of {', '.join(WRITABLE_PIXEL_TYPES)} first")
+    validate_volume(Volume(array, tuple(inputNode.GetSpacing()), (0.0, 0.0, 0.0), IDENTITY), f"'{name}'")
+    _checkOptions(options)
+    if outputNode is not None:
+        if outputNode is inputNode:
+            raise InputError("the output volume must not be the input volume")
+        if not _isScalarVolume(outputNode):
+            raise InputError(f"the output must be a scalar volume node, not {_kind(outputNode)}")
+        if outputNode.GetScene() is not inputNode.GetScene():
+            raise InputError(f"output '{outputNode.GetName()}' is not in the input volume's scene")
+
+
+def scalarVolumeArray(node, role: str):
+    """The voxels of a scalar volume node that holds image data; InputError naming what `role` got."""
+    if not _isScalarVolume(node):
+        raise InputError(f"the {role} must be a scalar (grey-value) volume node, not {_kind(node)}")
     try:
-        array = arrayFromVolumeNode(inputNode)
+        return arrayFromVolumeNode(node)
     except ValueError as error:
         raise InputError(str(error)) from None
-    validate_volume(Volume(array, tuple(inputNode.GetSpacing()), (0.0, 0.0, 0.0), IDENTITY), f"'{name}'")
+
+
+def _isScalarVolume(node) -> bool:
+    return hasattr(node, "GetClassName") and node.GetClassName() == SCALAR_VOLUME_CLASS
+
+
+def _kind(node) -> str:
+    """'a vtkMRMLLabelMapVolumeNode', 'a str': what was given instead of a volume node."""
+    return f"a {node.GetClassName() if hasattr(node, 'GetClassName') else type(node).__name__}"
+
+
+def _checkOptions(options: UpsampleOptions) -> None:
+    """Settings of the wrong type, which the console call may be given (spacing="2", axis=2.0)."""
     if (options.factor is None) == (options.spacing is None):
         raise InputError("give either an upsampling factor or a target slice spacing")
+    for setting in ("factor", "spacing", "maxMemoryGB"):
+        value = getattr(options, setting)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise InputError(f"{setting} must be a number, not {value!r}")
+    if options.axis is not None and (isinstance(options.axis, bool) or not isinstance(options.axis, numbers.Integral)
+                                     or options.axis not in (0, 1, 2)):
+        raise InputError(f"axis must be None, 0, 1 or 2, not {options.axis!r}")
+    for setting in ("keepAcquiredSlices", "matchNoise", "flipEnsemble", "bf16"):
+        value = getattr(options, setting)
+        if not isinstance(value, bool) and not (setting == "keepAcquiredSlices" and value is None):
+            raise InputError(f"{setting} must be True or False, not {value!r}")
     if options.device not in DEVICES:
         raise InputError(f"device must be one of {', '.join(DEVICES)}, not {options.device!r}")
     if options.maxMemoryGB is not None and not 0 < options.maxMemoryGB < math.inf:
         raise InputError(f"maxMemoryGB must be a positive number, not {options.maxMemoryGB!r}")
-    if outputNode is not None:
-        if outputNode is inputNode:
-            raise InputError("the output volume must not be the input volume")
-        if not outputNode.IsA("vtkMRMLScalarVolumeNode") or outputNode.IsA("vtkMRMLLabelMapVolumeNode") \
-                or outputNode.IsA("vtkMRMLVectorVolumeNode"):
-            raise InputError(f"output '{outputNode.GetName()}' is a {outputNode.GetClassName()}; "
-                             "a scalar volume node is needed")
-        if outputNode.GetScene() is not inputNode.GetScene():
-            raise InputError(f"output '{outputNode.GetName()}' is not in the input volume's scene")
 
 
 def upsampledAxis(inputNode, outputNode, axis=None) -> int:
@@ -193,7 +231,16 @@ def effectiveFactor(inputNode, options: UpsampleOptions) -> float:
 
 
 def outputName(inputNode, options: UpsampleOptions) -> str:
-    return f"{inputNode.GetName()} x{effectiveFactor(inputNode, options):.3g}"
+    return f"{inputNode.GetName()} x{factorLabel(effectiveFactor(inputNode, options))}"
+
+
+def factorLabel(factor: float) -> str:
+    """'2.5', '2.67'; never '1', which would say that nothing was upsampled (1.0001 stays 1.0001)."""
+    for digits in range(3, 10):
+        label = f"{factor:.{digits}g}"
+        if float(label) > 1:
+            break
+    return label
 
 
 def describeOutputGrid(size, spacing, bytesPerVoxel: int, axis=None, factor=None, targetSpacing=None) -> str:
@@ -204,6 +251,6 @@ def describeOutputGrid(size, spacing, bytesPerVoxel: int, axis=None, factor=None
     factor = geometry.check_factor(factor)
     outSize, outSpacing = geometry.output_size_and_spacing(tuple(size), tuple(spacing), axis, factor)
     megabytes = outSize[0] * outSize[1] * outSize[2] * bytesPerVoxel / 1e6
-    return (f"{AXIS_NAMES[axis]} axis x{factor:.3g}: slice spacing {spacing[axis]:.3g} -> {outSpacing[axis]:.3g} mm, "
+    return (f"{AXIS_NAMES[axis]} axis x{factorLabel(factor)}: slice spacing {spacing[axis]:.4g} -> {outSpacing[axis]:.4g} mm, "
             f"{size[axis]} -> {outSize[axis]} slices; output {outSize[0]}x{outSize[1]}x{outSize[2]}, "
             f"{megabytes:.1f} MB")

@@ -10,6 +10,8 @@ import sys
 import types
 from pathlib import Path
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -77,6 +79,11 @@ def test_the_documented_console_call_and_its_noise_comparison(logic, scene, mr_c
     assert chart.GetNthPlotSeriesNode(1).GetTableNode().GetNumberOfRows() == 79
     np.testing.assert_array_equal(arrayFromVolumeNode(mr_crop), before)
     assert scene.GetFirstNodeByName("pgbm crop") is mr_crop
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    for other, message in [(None, "the output must be a scalar (grey-value) volume node, not a NoneType"),
+                           (empty, "volume 'empty' holds no image data")]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            logic.compareNoise(mr_crop, other)
 
 
 def test_bad_requests_and_ctrl_c_leave_the_scene_as_it_was(logic, scene, mr_crop):

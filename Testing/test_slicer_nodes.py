@@ -182,6 +182,8 @@ def test_the_readout_states_spacing_slices_and_size():
     assert "K axis x2.5" in text and "6.5 -> 2.6 mm" in text and f"24 -> {slices} slices" in text
     assert f"260x320x{slices}, {260 * 320 * slices * 2 / 1e6:.1f} MB" in text
     assert "I axis" in describeOutputGrid((10, 20, 30), (3.0, 1.0, 1.0), 4, targetSpacing=1.0)
+    barely = describeOutputGrid((10, 20, 7), (1.0, 1.0, 6.5), 2, factor=1.0001)  # not "x1", which says nothing happens
+    assert "K axis x1.0001: slice spacing 6.5 -> 6.499 mm" in barely
     with pytest.raises(InputError):
         describeOutputGrid((10, 20, 30), (1.0, 1.0, 3.0), 4, factor=1.0)
     with pytest.raises(InputError):
@@ -223,23 +225,42 @@ def test_requests_that_would_fail_later_are_refused_before_anything_is_written(o
     nan = np.ones((4, 8, 8), np.float32)
     nan[1, 2, 3] = np.nan
     factor = UpsampleOptions(factor=2.0, device="cpu")
+    free = slicer.vtkMRMLScalarVolumeNode()  # never added to a scene
+    free.SetName("free")
+    free.SetAndObserveImageData(oblique_mr.GetImageData())
     for inputNode, options, outputNode, message in [
         (None, factor, None, "Select an input volume that holds image data"),
-        (scene.AddNewNodeByClass("vtkMRMLModelNode"), factor, None, "Select an input volume that holds image data"),
-        (node(volumes, "vtkMRMLLabelMapVolumeNode"), factor, None, "a scalar (grey-value) volume is needed"),
+        (scene.AddNewNodeByClass("vtkMRMLModelNode"), factor, None, "a scalar (grey-value) volume node, not a vtkMRMLModelNode"),
+        ("made", factor, None, "a scalar (grey-value) volume node, not a str"),
+        (node(volumes, "vtkMRMLLabelMapVolumeNode"), factor, None, "volume node, not a vtkMRMLLabelMapVolumeNode"),
+        (scene.AddNewNodeByClass("vtkMRMLDiffusionTensorVolumeNode"), factor, None,
+         "volume node, not a vtkMRMLDiffusionTensorVolumeNode"),
+        (free, factor, None, "'free' is in no scene; add it to the scene first"),
+        (node(volumes.astype(np.int64)), factor, None, "pixel type int64, which Slicer cannot hand over; cast it"),
+        (node(volumes.astype(np.int8)), factor, None, "pixel type int8"),
         (node(volumes[:1]), factor, None, "is 2D (a single slice)"),
         (node(nan), factor, None, "contains NaN or infinite voxels"),
         (oblique_mr, UpsampleOptions(device="cpu"), None, "give either an upsampling factor or a target slice spacing"),
         (oblique_mr, UpsampleOptions(factor=2.0, spacing=2.0), None, "give either an upsampling factor or"),
         (oblique_mr, UpsampleOptions(factor=2.0, device="tpu"), None, "device must be one of"),
         (oblique_mr, UpsampleOptions(factor=2.0, maxMemoryGB=-1.0), None, "maxMemoryGB must be a positive number"),
+        (oblique_mr, UpsampleOptions(spacing="2"), None, "spacing must be a number, not '2'"),
+        (oblique_mr, UpsampleOptions(factor=2.0, maxMemoryGB="2"), None, "maxMemoryGB must be a number, not '2'"),
+        (oblique_mr, UpsampleOptions(factor=2.0, axis=2.0), None, "axis must be None, 0, 1 or 2, not 2.0"),
+        (oblique_mr, UpsampleOptions(factor=2.0, axis=True), None, "axis must be None, 0, 1 or 2, not True"),
+        (oblique_mr, UpsampleOptions(factor=2.0, keepAcquiredSlices="no"), None,
+         "keepAcquiredSlices must be True or False, not 'no'"),
         (oblique_mr, factor, oblique_mr, "must not be the input volume"),
-        (oblique_mr, factor, node(volumes, "vtkMRMLLabelMapVolumeNode"), "a scalar volume node is needed"),
+        (oblique_mr, factor, node(volumes, "vtkMRMLLabelMapVolumeNode"),
+         "the output must be a scalar volume node, not a vtkMRMLLabelMapVolumeNode"),
+        (oblique_mr, factor, scene.AddNewNodeByClass("vtkMRMLDiffusionWeightedVolumeNode"),
+         "not a vtkMRMLDiffusionWeightedVolumeNode"),
+        (oblique_mr, factor, "x", "the output must be a scalar volume node, not a str"),
         (oblique_mr, factor, node(volumes, target=slicer.vtkMRMLScene()), "is not in the input volume's scene"),
     ]:
         with pytest.raises(InputError, match=re.escape(message)):
             checkRequest(inputNode, options, outputNode)
-    checkRequest(oblique_mr, UpsampleOptions(factor=np.float32(2.5), device="gpu"))  # numpy numbers are numbers
+    checkRequest(oblique_mr, UpsampleOptions(factor=np.float32(2.5), device="gpu", axis=np.int64(2)))  # numpy numbers are numbers
 
 
 def test_an_input_gone_during_the_run_or_an_unreadable_result_adds_nothing(oblique_mr, scene, temp_folders):
