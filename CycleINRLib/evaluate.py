@@ -138,6 +138,14 @@ def check_case_fits(slices: int, case: Case, name: str) -> None:
         raise InputError(f"{name}: {slices} slices are too few for case {case.label}")
 
 
+def check_slices_fit_ssim(shape: Sequence[int], axis: int, name: str) -> None:
+    """InputError unless the slices across numpy `axis` hold SSIM's window."""
+    slice_shape = [n for a, n in enumerate(shape) if a != axis]
+    if min(slice_shape) < metrics.SSIM_WINDOW:
+        raise InputError(f"{name}: slices of {slice_shape[1]}x{slice_shape[0]} voxels are smaller than SSIM's "
+                         f"{metrics.SSIM_WINDOW}x{metrics.SSIM_WINDOW} window")
+
+
 def evaluate_volume(
     truth: np.ndarray,
     axis: int,
@@ -156,10 +164,7 @@ def evaluate_volume(
     method of each case with a label. Metrics: PSNR over the voxels of the slices
     concerned, mean per-slice 2D SSIM, LPIPS (mean per slice) when `lpips`, and SNLI.
     """
-    slice_shape = [n for a, n in enumerate(truth.shape) if a != axis]
-    if min(slice_shape) < metrics.SSIM_WINDOW:
-        raise InputError(f"{name}: slices of {slice_shape[1]}x{slice_shape[0]} voxels are smaller than SSIM's "
-                         f"{metrics.SSIM_WINDOW}x{metrics.SSIM_WINDOW} window")
+    check_slices_fit_ssim(truth.shape, axis, name)
     results = []
     for case in cases:
         check_case_fits(truth.shape[axis], case, name)

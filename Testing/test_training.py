@@ -345,10 +345,25 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
             [logged[f"{case}/gain_over_linear_db"] for case in ("2:2", "5:2.5")], abs=1e-4)
         assert float(row[-1]) == pytest.approx(logged["mean_psnr"], abs=1e-4)
     (tmp_path / "step-0000009.json").write_text("{}")  # its tensors never written
-    for bad in (tmp_path / "absent.safetensors", tmp_path / "step-0000009.json"):
+    for bad in (tmp_path / "absent.safetensors", tmp_path / "step-0000009.json", tmp_path / "run"):
         refused = subprocess.run(script + [str(bad), "--config", str(config_file)], capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert str(bad) in refused.stderr
+    assert "is a folder; give its step-NNNNNNN.json or .safetensors files" in refused.stderr
+
+    # export_weights.py: the checkpoint's weights half instead of its description; a description
+    # whose metrics lost what the provenance records (resuming does not need them)
+    description = json.loads(checkpoint.read_text())
+    del description["metrics"]["machine"]
+    (tmp_path / "step-0000010.json").write_text(json.dumps(description))
+    (tmp_path / "step-0000010.safetensors").write_bytes(checkpoint.with_suffix(".safetensors").read_bytes())
+    exporter = [sys.executable, str(REPOSITORY / "Training" / "export_weights.py")]
+    for bad, message in ((checkpoint.with_suffix(".safetensors"), "give the checkpoint's .json file"),
+                         (tmp_path / "step-0000010.json", "its metrics lack 'machine'")):
+        refused = subprocess.run(exporter + [str(bad), "--output", str(tmp_path / "x.safetensors")],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert message in refused.stderr and not (tmp_path / "x.safetensors").exists()
 
 
 def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_path):
@@ -464,6 +479,11 @@ def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
     (folder / "truncated.nii.gz").write_bytes(whole[:len(whole) // 2])  # a copy cut short: ITK alone reads zeros
     thin = read_volume(crops / "a.nii.gz").array[:3]
     write_volume(Volume(thin, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), folder / "thin.mha")
+    head = read_volume(crops / "b.nii.gz")
+    shifted = (head.array.astype(np.int32) + 1024).astype(np.uint16)  # HU + 1024: not what a CT window expects
+    write_volume(Volume(shifted, head.spacing, head.origin, head.direction), folder / "shifted.nii.gz")
+    narrow = np.ascontiguousarray(head.array[:, :, :5])  # slices narrower than SSIM's window
+    write_volume(Volume(narrow, head.spacing, head.origin, head.direction), folder / "narrow.nii.gz")
     config = small_config(folder, tmp_path / "run", steps=2)
     # The same folder validates too: thin.mha is too thin for case 5:5, which would otherwise
     # end the run at its first validation, and every resume after it.
@@ -471,11 +491,15 @@ def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
     with pytest.warns(data.TrainingDataWarning) as caught:
         _, history = train(config)
     messages = " | ".join(str(w.message) for w in caught)
-    for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha", "truncated.nii.gz"):
+    for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha", "truncated.nii.gz", "shifted.nii.gz", "narrow.nii.gz"):
         assert f"skipping training volume {folder / name}" in messages or f"skipping training volume: {folder / name}" in messages
     assert "truncated.nii.gz: file is damaged or truncated" in messages
     assert f"skipping validation volume: {folder / 'thin.mha'} (run.val_crop [24, 32, 32]): 3 slices are too few for case 5:5" \
         in messages
+    assert f"skipping validation volume: {folder / 'narrow.nii.gz'} (run.val_crop [24, 32, 32]): slices of 5x32 voxels" \
+        in messages
+    assert f"skipping validation volume: {folder / 'shifted.nii.gz'}: the input's lowest value is {shifted.min()}, so it " \
+        "does not look like CT in HU" in messages
     assert "good.nii.gz" not in messages and len(history) == 2
     assert checkpointing.read_checkpoint(tmp_path / "run" / "step-0000002.json")[0]["metrics"]["val"]["5:5/psnr_generated"] > 0
 
@@ -547,6 +571,8 @@ def test_one_volume_file_is_a_training_set(crops):
     assert data.volume_paths(crops / "a.nii.gz") == [crops / "a.nii.gz"]
     listing = crops.parent / "listing.txt"
     listing.write_text(f"{crops.name}/a.nii.gz\n# a comment\n")
+    assert data.volume_paths(listing) == [crops / "a.nii.gz"]
+    listing.write_text(f"{crops.name}/a.nii.gz\r\n", encoding="utf-8-sig")  # Notepad's BOM and line ends
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
 
 

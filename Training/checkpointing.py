@@ -78,6 +78,8 @@ def read_description(json_path: Path) -> dict:
 
 def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
     """(description, tensors) of a checkpoint; CheckpointError when either part does not read."""
+    if Path(json_path).suffix.lower() != ".json":
+        raise CheckpointError(f"{json_path}: give the checkpoint's .json file (step-NNNNNNN.json), which names its weights")
     try:
         description = read_description(json_path)
         tensors = load_file(str(Path(json_path).with_suffix(".safetensors")))

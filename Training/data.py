@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -48,8 +49,10 @@ class TrainingVolume:
 
 def warnings_in_one_line() -> None:
     """For the command lines: a skipped volume or checkpoint is one line, not Python's default
-    of two (the message, then the source line that issued it, which tells a user nothing)."""
+    of two (the message, then the source line that issued it, which tells a user nothing), and
+    none of ITK's multi-line warnings (a listed folder without DICOM files): the skip says why."""
     warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
 def volume_paths(source: str | Path) -> list[Path]:
@@ -61,7 +64,7 @@ def volume_paths(source: str | Path) -> list[Path]:
         return [source]
     if source.is_file():
         try:
-            lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+            lines = [line.strip() for line in source.read_text(encoding="utf-8-sig").splitlines()]  # a BOM from Notepad
         except (OSError, UnicodeDecodeError):
             raise DataSourceError(f"{source}: neither a volume file ({', '.join(VOLUME_SUFFIXES)}) "
                                   "nor a text file listing volumes") from None
@@ -95,6 +98,10 @@ def load_volumes(source: str | Path, config: DataConfig, normalization: Normaliz
     for path in paths:
         volume = read_or_skip(path, "training")
         if volume is None:
+            continue
+        if unexpected := normalization.unexpected_input(volume.array):
+            warnings.warn(f"skipping training volume {path}: {unexpected}, and the model's intensity window is CT's",
+                          TrainingDataWarning, stacklevel=2)
             continue
         spacing = volume.spacing[::-1]  # numpy axis order
         slice_axis = 2 - geometry.slice_axis(volume.spacing)

@@ -38,7 +38,10 @@ def export(checkpoint: Path, output: Path, data_note: str | None = None) -> Path
     """`data_note`, kept in the provenance, says what the run's data paths held where their
     names do not (crops made for a GPU machine, say)."""
     model, config, description = model_from_checkpoint(checkpoint)
-    origin = provenance(config, description["step"], description["metrics"])
+    try:
+        origin = provenance(config, description["step"], description["metrics"])
+    except (KeyError, TypeError) as error:  # a hand-edited description; resuming does not need these
+        raise ValueError(f"{checkpoint}: its metrics lack {error}, which the weights file's provenance records") from None
     if data_note:
         origin["data_note"] = data_note
     return save_model(model, output, trained=True, provenance=origin)

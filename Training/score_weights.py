@@ -33,7 +33,7 @@ OVERRIDE = re.compile(r"^\w+(\.\w+)?=")  # section.key=value or model_overrides=
 
 def load_weights(path: Path) -> CycleINR:
     """A weights file (.safetensors) or a training checkpoint (step-NNNNNNN.json)."""
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         return model_from_checkpoint(path)[0]
     return load_model(path)[0]
 
@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings_in_one_line()
     overrides = [item for item in args.items if OVERRIDE.match(item)]
     weights = [Path(item) for item in args.items if not OVERRIDE.match(item)]
-    missing = [str(path) for path in weights if not path.is_file()]
+    missing = [f"{path}: {'is a folder; give its step-NNNNNNN.json or .safetensors files' if path.is_dir() else 'no such file'}"
+               for path in weights if not path.is_file()]
     if missing or not weights:
-        parser.exit(2, f"{parser.prog}: error: {'no such file: ' + ', '.join(missing) if missing else 'no weights given'}\n")
+        parser.exit(2, f"{parser.prog}: error: {'; '.join(missing) if missing else 'no weights given'}\n")
     config = load_config_or_exit(parser, args.config, overrides)
     if not config.data.val:
         parser.exit(2, f"{parser.prog}: error: {args.config} names no validation data (data.val)\n")

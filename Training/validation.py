@@ -44,9 +44,13 @@ class ValidationSet:
             if volume is None:
                 continue
             array = _centre_crop(volume.array, run.val_crop)
+            label = f"{path} (run.val_crop {run.val_crop})"
             try:
+                if unexpected := normalization.unexpected_input(volume.array):
+                    raise InputError(f"{path}: {unexpected}, and the model's intensity window is CT's")
+                evaluate.check_slices_fit_ssim(array.shape, 0, label)
                 for case in cases:
-                    evaluate.check_case_fits(array.shape[0], case, f"{path} (run.val_crop {run.val_crop})")
+                    evaluate.check_case_fits(array.shape[0], case, label)
             except InputError as error:
                 warnings.warn(f"skipping validation volume: {error}", TrainingDataWarning, stacklevel=2)
                 continue
