@@ -154,17 +154,17 @@ class UpsampleJob:
         try:
             try:
                 result = self.process.outcome()
-            except UpsampleCancelled:
+                return self._readOutput(result["output"])
+            except (UpsampleCancelled, KeyboardInterrupt):  # Ctrl-C may also land in the read-back
                 raise UpsampleCancelled(self.goneMessage or "upsampling was cancelled; nothing was written") from None
-            return self._readOutput(result["output"])
         finally:
             self.cleanup()
 
     def wait(self, progressCallback: Optional[ProgressCallback] = None):
         """Run to the end, blocking; returns the output node or raises."""
-        if self.process is None:
-            self.start()
         try:
+            if self.process is None:
+                self.start()  # writing the input takes seconds for a large volume: Ctrl-C may land there
             self.process.wait(progressCallback)
         except KeyboardInterrupt:  # Ctrl-C in Slicer's console: the process is stopped
             self.cleanup()
@@ -193,10 +193,15 @@ class UpsampleJob:
         scene = self.inputNode.GetScene()
         name = scene.GenerateUniqueName(outputName(self.inputNode, self.options))
         node = readVolumeNode(path, scene, name, self.outputNode)
-        alignAxes(node, self.inputNode)
-        node.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(geometry.slice_axis(tuple(self.inputNode.GetSpacing()), self.options.axis)))
-        node.SetAndObserveTransformNodeID(self.inputNode.GetTransformNodeID())
-        copyDisplay(self.inputNode, node)
+        try:
+            alignAxes(node, self.inputNode)
+            node.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(geometry.slice_axis(tuple(self.inputNode.GetSpacing()), self.options.axis)))
+            node.SetAndObserveTransformNodeID(self.inputNode.GetTransformNodeID())
+            copyDisplay(self.inputNode, node)
+        except BaseException:  # a node made here goes again: half set up, it would say the wrong thing
+            if self.outputNode is None:
+                scene.RemoveNode(node)
+            raise
         self.outputNode = node
         return node
 

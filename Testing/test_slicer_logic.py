@@ -86,7 +86,7 @@ def test_the_documented_console_call_and_its_noise_comparison(logic, scene, mr_c
             logic.compareNoise(mr_crop, other)
 
 
-def test_bad_requests_and_ctrl_c_leave_the_scene_as_it_was(logic, scene, mr_crop):
+def test_bad_requests_and_ctrl_c_leave_the_scene_as_it_was(logic, scene, mr_crop, monkeypatch):
     before = arrayFromVolumeNode(mr_crop).copy()
     nodes = scene.GetNumberOfNodes()
     for settings, message in [({"factor": 2.0, "spacing": 2.0}, "give either an upsampling factor"),
@@ -102,6 +102,16 @@ def test_bad_requests_and_ctrl_c_leave_the_scene_as_it_was(logic, scene, mr_crop
         logic.upsample(mr_crop, factor=2.0, device="cpu", progressCallback=interrupt)
     assert scene.GetNumberOfNodes() == nodes
     np.testing.assert_array_equal(arrayFromVolumeNode(mr_crop), before)
+
+    # Ctrl-C outside the progress loop: while the input is written, or once the result is read back
+    import CycleINRJob
+
+    for step in ("writeVolumeNode", "alignAxes"):
+        with monkeypatch.context() as patch:
+            patch.setattr(CycleINRJob, step, lambda *arguments: interrupt(0.0, step))
+            with pytest.raises(UpsampleCancelled, match="nothing was written"):
+                logic.upsample(mr_crop, factor=2.0, device="cpu")
+        assert scene.GetNumberOfNodes() == nodes, step
 
 
 class _Installs:

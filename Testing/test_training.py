@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -451,8 +452,12 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path, accumulat
 
 @pytest.mark.parametrize("device, processes", [("cpu", 2), pytest.param("cuda", torch.cuda.device_count(), marks=NEEDS_CUDA)])
 def test_torchrun_launches_the_training_script(crops, tmp_path, device, processes):
-    """The documented multi-GPU command: torchrun itself, not a stand-in; gloo on CPUs, NCCL on every GPU."""
-    config = _validating(small_config(crops, tmp_path / "run", steps=4), crops)  # rank 0 validates at steps 2 and 4
+    """The documented multi-GPU command: torchrun itself, not a stand-in; gloo on CPUs, NCCL on every GPU.
+    A bad file in the data is reported once, not by every process."""
+    folder = tmp_path / "data"
+    shutil.copytree(crops, folder)
+    (folder / "broken.nii.gz").write_bytes(b"not an image at all")
+    config = _validating(small_config(folder, tmp_path / "run", steps=4), crops)  # rank 0 validates at steps 2 and 4
     config.run.device = device
     config_file = tmp_path / "processes.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
@@ -462,6 +467,7 @@ def test_torchrun_launches_the_training_script(crops, tmp_path, device, processe
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "strides" not in result.stderr  # validation leaves rank 0's layout as DDP's buckets expect
+    assert result.stderr.count("skipping training volume") == 1, result.stderr[-2000:]
     last = checkpointing.list_checkpoints(tmp_path / "run")[-1]
     assert last.name == "step-0000004.json"
     _, info = load_model(export(last, tmp_path / "exported.safetensors"))
@@ -484,6 +490,8 @@ def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
     write_volume(Volume(shifted, head.spacing, head.origin, head.direction), folder / "shifted.nii.gz")
     narrow = np.ascontiguousarray(head.array[:, :, :5])  # slices narrower than SSIM's window
     write_volume(Volume(narrow, head.spacing, head.origin, head.direction), folder / "narrow.nii.gz")
+    air = np.full_like(head.array, -1000)  # nothing to learn, nothing to measure (PSNR inf for every method)
+    write_volume(Volume(air, head.spacing, head.origin, head.direction), folder / "air.nii.gz")
     config = small_config(folder, tmp_path / "run", steps=2)
     # The same folder validates too: thin.mha is too thin for case 5:5, which would otherwise
     # end the run at its first validation, and every resume after it.
@@ -491,7 +499,8 @@ def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
     with pytest.warns(data.TrainingDataWarning) as caught:
         _, history = train(config)
     messages = " | ".join(str(w.message) for w in caught)
-    for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha", "truncated.nii.gz", "shifted.nii.gz", "narrow.nii.gz"):
+    for name in ("broken.nii.gz", "flat2d.nrrd", "thin.mha", "truncated.nii.gz", "shifted.nii.gz", "narrow.nii.gz",
+                 "air.nii.gz"):
         assert f"skipping training volume {folder / name}" in messages or f"skipping training volume: {folder / name}" in messages
     assert "truncated.nii.gz: file is damaged or truncated" in messages
     assert f"skipping validation volume: {folder / 'thin.mha'} (run.val_crop [24, 32, 32]): 3 slices are too few for case 5:5" \
@@ -500,6 +509,8 @@ def test_bad_files_are_skipped_with_a_warning(crops, tmp_path):
         in messages
     assert f"skipping validation volume: {folder / 'shifted.nii.gz'}: the input's lowest value is {shifted.min()}, so it " \
         "does not look like CT in HU" in messages
+    assert f"skipping training volume {folder / 'air.nii.gz'}: every voxel is -1000" in messages
+    assert f"skipping validation volume: {folder / 'air.nii.gz'} (run.val_crop [24, 32, 32]): every voxel is -1000" in messages
     assert "good.nii.gz" not in messages and len(history) == 2
     assert checkpointing.read_checkpoint(tmp_path / "run" / "step-0000002.json")[0]["metrics"]["val"]["5:5/psnr_generated"] > 0
 

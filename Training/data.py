@@ -99,6 +99,10 @@ def load_volumes(source: str | Path, config: DataConfig, normalization: Normaliz
         volume = read_or_skip(path, "training")
         if volume is None:
             continue
+        if volume.array.min() == volume.array.max():
+            warnings.warn(f"skipping training volume {path}: every voxel is {volume.array.min()}", TrainingDataWarning,
+                          stacklevel=2)
+            continue
         if unexpected := normalization.unexpected_input(volume.array):
             warnings.warn(f"skipping training volume {path}: {unexpected}, and the model's intensity window is CT's",
                           TrainingDataWarning, stacklevel=2)

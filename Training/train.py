@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -65,7 +66,10 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
 
     # ---------------------------------------------------------------- data
     model_config = config.model_config()
-    volumes = data.load_volumes(config.data.train, config.data, model_config.normalization)
+    with warnings.catch_warnings():
+        if not master:  # every process reads the same folder: its skips are said once, by rank 0
+            warnings.simplefilter("ignore", data.TrainingDataWarning)
+        volumes = data.load_volumes(config.data.train, config.data, model_config.normalization)
     trained_on = resumed_from["metrics"].get("training_data") if resumed_from else None
     if trained_on and trained_on != [volume.name for volume in volumes]:
         raise ResumeError(f"{out_dir} holds a run trained on {', '.join(trained_on)}; "

@@ -49,6 +49,8 @@ class ValidationSet:
                 if unexpected := normalization.unexpected_input(volume.array):
                     raise InputError(f"{path}: {unexpected}, and the model's intensity window is CT's")
                 evaluate.check_slices_fit_ssim(array.shape, 0, label)
+                if array.min() == array.max():  # nothing to restore: its PSNR is infinite for every method
+                    raise InputError(f"{label}: every voxel is {array.min()}")
                 for case in cases:
                     evaluate.check_case_fits(array.shape[0], case, label)
             except InputError as error:
