@@ -154,9 +154,12 @@ class UpsampleJob:
         try:
             try:
                 result = self.process.outcome()
-                return self._readOutput(result["output"])
-            except (UpsampleCancelled, KeyboardInterrupt):  # Ctrl-C may also land in the read-back
+            except UpsampleCancelled:
                 raise UpsampleCancelled(self.goneMessage or "upsampling was cancelled; nothing was written") from None
+            try:
+                return self._readOutput(result["output"])
+            except KeyboardInterrupt:  # Ctrl-C in the read-back: _readOutput took its node away again
+                raise UpsampleCancelled("upsampling was cancelled; nothing was written") from None
         finally:
             self.cleanup()
 

@@ -23,15 +23,19 @@ def writeVolumeNode(volumeNode, path) -> None:
 def readVolumeNode(path, scene, name: str, volumeNode=None):
     """Read a single volume file into `volumeNode`, or into a new scalar volume node in `scene`.
 
-    The node keeps no reference to the file, which is temporary.
+    The node keeps no reference to the file, which is temporary; a given node keeps its own
+    storage node (where the user saves it), which reading would drop.
     """
     created = volumeNode is None
     if created:
         volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    ownStorage = volumeNode.GetStorageNodeID()
     storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storageNode.SetFileName(str(path))
     storageNode.SetSingleFile(1)  # never pull in numbered neighbours as a series
-    if not storageNode.ReadData(volumeNode):
+    read = storageNode.ReadData(volumeNode)
+    volumeNode.SetAndObserveStorageNodeID(ownStorage)
+    if not read:
         if created:  # no empty node left behind
             scene.RemoveNode(volumeNode)
         raise OSError(f"could not read the upsampled volume from {path}")

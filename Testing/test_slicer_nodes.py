@@ -125,6 +125,8 @@ def test_target_spacing_into_a_given_node_under_the_input_transform(oblique_mr, 
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
     oblique_mr.SetAndObserveTransformNodeID(transform.GetID())
     existing = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen output")
+    existing.AddDefaultStorageNode()  # where the user saves it: reading the result must not drop it
+    storage = existing.GetStorageNodeID()
 
     output = job(oblique_mr, temp_folders, spacing=2.0, axis=2).wait()
     assert output.GetSpacing()[2] == pytest.approx(2.0)
@@ -135,6 +137,7 @@ def test_target_spacing_into_a_given_node_under_the_input_transform(oblique_mr, 
     temp_folders.append(again)
     assert again.wait() is existing
     assert existing.GetImageData().GetDimensions()[2] == geometry.output_slice_count(7, 2.0)
+    assert storage is not None and existing.GetStorageNodeID() == storage
 
 
 def test_a_failed_run_changes_nothing_and_removes_its_files(oblique_mr, scene, temp_folders):
