@@ -252,6 +252,15 @@ def test_resume_with_other_settings_is_refused_in_one_line(crops, tmp_path):
     (fewer / "a.nii.gz").write_bytes((crops / "a.nii.gz").read_bytes())
     with pytest.raises(ResumeError, match="trained on a.nii.gz, b.nii.gz; .* gives a.nii.gz$"):
         train(small_config(fewer, run))
+    renamed = tmp_path / "renamed"  # another volume under the same name
+    renamed.mkdir()
+    other = read_volume(crops / "b.nii.gz")
+    write_volume(Volume(np.ascontiguousarray(other.array[:, :, :36]), other.spacing, other.origin, other.direction),
+                 renamed / "a.nii.gz")
+    (renamed / "b.nii.gz").write_bytes((crops / "b.nii.gz").read_bytes())
+    with pytest.raises(ResumeError, match=r"of these names but of other sizes \(\[\[24, 40, 40\], \[24, 40, 40\]\] "
+                                          r"voxels, .* gives \[\[24, 40, 36\], \[24, 40, 40\]\]\)"):
+        train(small_config(renamed, run))
     moved = tmp_path / "moved"
     moved.mkdir()
     for crop in crops.iterdir():

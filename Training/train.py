@@ -74,6 +74,10 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     if trained_on and trained_on != [volume.name for volume in volumes]:
         raise ResumeError(f"{out_dir} holds a run trained on {', '.join(trained_on)}; "
                           f"{config.data.train} gives {', '.join(volume.name for volume in volumes)}")
+    sizes_then = resumed_from["metrics"].get("training_sizes") if resumed_from else None  # runs since 2026-11-27
+    if sizes_then and sizes_then != _sizes(volumes):
+        raise ResumeError(f"{out_dir} holds a run trained on volumes of these names but of other sizes "
+                          f"({sizes_then} voxels, {config.data.train} gives {_sizes(volumes)}): other volumes")
     dataset = data.PairBatches(volumes, config.data, config.optim.seed)
     validation = ValidationSet.load(config.data.val, config.run, model_config.normalization) if master and config.data.val else None
 
@@ -97,7 +101,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         start, start_info = load_model(config.run.init_weights)
         model.load_state_dict(start.state_dict())
         metrics["initialised_from"] = {"weights": str(start_info.path), "provenance": start_info.provenance}
-    metrics.update(training_data=[volume.name for volume in volumes], machine=machine_description(), world_size=world_size)
+    metrics.update(training_data=[volume.name for volume in volumes], training_sizes=_sizes(volumes),
+                   machine=machine_description(), world_size=world_size)
     objective = losses.CycleObjective(model)
     if distributed:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -172,6 +177,12 @@ def check_restorable(json_path: Path, description: dict, tensors: dict) -> None:
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as error:
         reason = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]  # one line
         raise checkpointing.CheckpointError(f"{json_path}: does not restore ({reason})") from None
+
+
+def _sizes(volumes) -> list[list[int]]:
+    """Voxel counts (numpy order) of the training volumes: with their names, what tells a resumed
+    run that its folder still holds the same volumes."""
+    return [list(volume.array.shape) for volume in volumes]
 
 
 def check_resumable(config: TrainConfig, checkpoint: dict, world_size: int) -> None:
