@@ -436,10 +436,12 @@ def test_train_script_reports_an_out_dir_it_cannot_write_in_one_line(crops, tmp_
     assert result.stderr.strip().splitlines()[-1] == f"train.py: error: {out_dir}: Not a directory"
 
 
-def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path) -> None:
+def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path, rank1_data: str | None = None) -> None:
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if rank == 1 and rank1_data:  # node-local data that differs from rank 0's
+        config.data.train = rank1_data
     model, _ = train(config)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 
@@ -457,6 +459,19 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path, accumulat
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert not torch.equal(rank0["decoder.output.weight"], initial["decoder.output.weight"])  # it did train
     assert checkpointing.list_checkpoints(tmp_path / "ddp")[-1].name == "step-0000004.json"
+
+
+def test_ddp_processes_that_read_other_volumes_are_stopped(crops, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    (fewer / "a.nii.gz").write_bytes((crops / "a.nii.gz").read_bytes())
+    config = small_config(crops, tmp_path / "ddp", steps=2)
+    with pytest.raises(mp.ProcessRaisedException, match="process 1 read other training volumes than process 0"):
+        mp.spawn(_ddp_worker, args=(config, port, tmp_path, str(fewer)), nprocs=2, join=True)
+    assert not checkpointing.list_checkpoints(tmp_path / "ddp")
 
 
 @pytest.mark.parametrize("device, processes", [("cpu", 2), pytest.param("cuda", torch.cuda.device_count(), marks=NEEDS_CUDA)])

@@ -70,6 +70,12 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         if not master:  # every process reads the same folder: its skips are said once, by rank 0
             warnings.simplefilter("ignore", data.TrainingDataWarning)
         volumes = data.load_volumes(config.data.train, config.data, model_config.normalization)
+    if distributed:  # node-local copies of the data may differ: the ranks would train on other batches
+        read = [None] * world_size
+        dist.all_gather_object(read, ([volume.name for volume in volumes], _sizes(volumes)))
+        if differing := [rank for rank, volumes_read in enumerate(read) if volumes_read != read[0]]:
+            raise data.DataSourceError(f"process {differing[0]} read other training volumes than process 0 "
+                                       f"({read[differing[0]]} against {read[0]}): give every process the same data")
     trained_on = resumed_from["metrics"].get("training_data") if resumed_from else None
     if trained_on and trained_on != [volume.name for volume in volumes]:
         raise ResumeError(f"{out_dir} holds a run trained on {', '.join(trained_on)}; "
