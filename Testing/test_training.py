@@ -375,6 +375,19 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert message in refused.stderr and not (tmp_path / "x.safetensors").exists()
 
+    # an existing --output (by default the bundled weights) is replaced only with --overwrite
+    written = exported.read_bytes()
+    for output, message in ((exported, "output exists; pass --overwrite to replace it"),
+                            (tmp_path / "x.pt", "output must end in .safetensors")):
+        refused = subprocess.run(exporter + [str(checkpoint), "--output", str(output)], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert message in refused.stderr
+    assert exported.read_bytes() == written and not (tmp_path / "x.pt").exists()
+    replaced = subprocess.run(exporter + [str(checkpoint), "--output", str(exported), "--overwrite", "--data-note", "again"],
+                              capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_model(exported)[1].provenance["data_note"] == "again"
+
 
 def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_path):
     train(small_config(crops, tmp_path / "base", steps=3))

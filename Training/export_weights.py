@@ -3,6 +3,7 @@
     python Training/export_weights.py runs/ct_cpu/step-0001000.json
     python Training/export_weights.py runs/ct_cpu/step-0001000.json --output my_weights.safetensors
     python Training/export_weights.py CHECKPOINT --data-note "data.train held 256 x 256 crops of ..."
+    python Training/export_weights.py CHECKPOINT --overwrite   # replace the bundled weights
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, save_model
+from CycleINRLib.io import check_output_path
 from CycleINRLib.models import CycleINR
 from Training.checkpointing import model_tensors, read_checkpoint
 from Training.config import TrainConfig
@@ -52,9 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path, help="a step-NNNNNNN.json file of a training run")
     parser.add_argument("--output", type=Path, default=DEFAULT_WEIGHTS, help=f"default: {DEFAULT_WEIGHTS}")
     parser.add_argument("--data-note", help="what the run's data paths held, kept in the provenance")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {export(args.checkpoint, args.output, args.data_note)}")
+        output = check_output_path(args.output, args.overwrite, suffixes=(".safetensors",))
+        print(f"wrote {export(args.checkpoint, output, args.data_note)}")
     except (ValueError, OSError) as error:  # OSError: --output cannot be written
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
