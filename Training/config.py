@@ -57,7 +57,7 @@ class OptimConfig:
     # data.batch_size patches per process, each batch at its own scale, in the memory of one.
     accumulate: int = 1
     lr: float = 1e-4
-    lr_halve_every: int = 40_000  # steps; the paper halves every 200 of 3000 epochs
+    lr_halve_every: int = 40_000  # steps; the paper halves every 200 of its 3000 epochs (ct.yaml: 20k of 300k)
     grad_clip: float = 1.0
     cycle_weight: float = 1.0  # lambda of eq. 9; 0 trains without the cycle-consistent loss
     pixel_loss: str = "l1"  # of both terms: "l1" (paper eq. 7-8) or "l2" (see README, section Training)

@@ -170,15 +170,18 @@ class PairBatches(Dataset):
             axis = int(rng.choice(inplane)) if use_inplane else volume.slice_axis
             block = _random_block(rng, volume.array, axis, hr_slices + 2 * margin, config.patch_size)
             block = (block.astype(np.float32) - volume.low) / (volume.high - volume.low)
-            high = block[margin:margin + hr_slices]
-            if high.std() >= config.min_patch_std:
+            if block[margin:margin + hr_slices].std() >= config.min_patch_std:
                 break
-        low = degrade_at(block, margin + np.arange(config.lr_slices) * scale, scale, axis=0, mode=mode)
+        # The block is flipped, margins and all, before the pair is cut from it: flipping the
+        # cut LR and HR patches instead would put a reversed LR slice i at i*r - frac((n-1)r),
+        # not at the i*r the model is told (up to 0.9 HR slices off at fractional scales).
         for dim in range(3):
             if rng.random() < 0.5:
-                low, high = np.flip(low, dim), np.flip(high, dim)
+                block = np.flip(block, dim)
         if rng.random() < 0.5:
-            low, high = low.transpose(0, 2, 1), high.transpose(0, 2, 1)
+            block = block.transpose(0, 2, 1)
+        high = block[margin:margin + hr_slices]
+        low = degrade_at(block, margin + np.arange(config.lr_slices) * scale, scale, axis=0, mode=mode)
         return np.ascontiguousarray(low), np.ascontiguousarray(high)
 
 
