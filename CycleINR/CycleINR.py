@@ -2,7 +2,8 @@
 
 Module, Widget, Logic and Test classes as in Slicer's scripted-module template. The model runs
 in a separate process (Slicer's Python running `cycleinr upsample --json-progress`); the Qt-free
-parts live in CycleINRProcess.py, CycleINRNodeIO.py, CycleINRJob.py and CycleINRResults.py.
+parts live in the CycleINRSlicerLib package beside this file (process, node_io, job, results):
+Slicer loads every .py file at the top of a module folder as a module of its own.
 """
 
 import enum
@@ -32,7 +33,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CycleINRProcess import UpsampleCancelled, UpsampleFailed, UpsampleOptions, findLibraryParent
+from CycleINRSlicerLib.process import UpsampleCancelled, UpsampleFailed, UpsampleOptions, findLibraryParent
 
 LIBRARY_PARENT = findLibraryParent(os.path.dirname(os.path.abspath(__file__)))
 if str(LIBRARY_PARENT) not in sys.path:
@@ -40,7 +41,7 @@ if str(LIBRARY_PARENT) not in sys.path:
 
 from CycleINRLib import geometry  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
 from CycleINRLib.errors import InputError  # noqa: E402
-from CycleINRJob import UpsampleJob, checkRequest, describeOutputGrid, scalarVolumeArray, upsampledAxis  # noqa: E402
+from CycleINRSlicerLib.job import UpsampleJob, checkRequest, describeOutputGrid, scalarVolumeArray, upsampledAxis  # noqa: E402
 
 # Import name -> requirement, for what the command line and the noise metrics need beyond
 # what Slicer ships (numpy and SimpleITK, which are never reinstalled) and torch.
@@ -552,7 +553,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def compareNoise(inputVolumeNode, outputVolumeNode, axis=None):
         """SNLI and mean noise of input and output as text, and a per-slice noise chart node."""
-        from CycleINRResults import addNoisePlot, noiseLevels, summary
+        from CycleINRSlicerLib.results import addNoisePlot, noiseLevels, summary
 
         scalarVolumeArray(inputVolumeNode, "input")
         scalarVolumeArray(outputVolumeNode, "output")

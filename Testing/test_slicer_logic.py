@@ -22,8 +22,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
 from CycleINRLib.errors import InputError  # noqa: E402
-from CycleINRNodeIO import arrayFromVolumeNode, ijkToRas  # noqa: E402
-from CycleINRProcess import UpsampleCancelled  # noqa: E402
+from CycleINRSlicerLib.node_io import arrayFromVolumeNode, ijkToRas  # noqa: E402
+from CycleINRSlicerLib.process import UpsampleCancelled  # noqa: E402
 from test_slicer_nodes import MR_OBLIQUE, volume_node  # noqa: E402
 
 
@@ -104,11 +104,11 @@ def test_bad_requests_and_ctrl_c_leave_the_scene_as_it_was(logic, scene, mr_crop
     np.testing.assert_array_equal(arrayFromVolumeNode(mr_crop), before)
 
     # Ctrl-C outside the progress loop: while the input is written, or once the result is read back
-    import CycleINRJob
+    from CycleINRSlicerLib import job
 
     for step in ("writeVolumeNode", "alignAxes"):
         with monkeypatch.context() as patch:
-            patch.setattr(CycleINRJob, step, lambda *arguments: interrupt(0.0, step))
+            patch.setattr(job, step, lambda *arguments: interrupt(0.0, step))
             with pytest.raises(UpsampleCancelled, match="nothing was written"):
                 logic.upsample(mr_crop, factor=2.0, device="cpu")
         assert scene.GetNumberOfNodes() == nodes, step

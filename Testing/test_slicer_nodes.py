@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
 from CycleINRLib import geometry  # noqa: E402
 from CycleINRLib.errors import InputError  # noqa: E402
-from CycleINRJob import FOLDER_PREFIX, UpsampleJob, describeOutputGrid  # noqa: E402
-from CycleINRNodeIO import arrayFromVolumeNode, ijkToRas  # noqa: E402
-from CycleINRProcess import UpsampleCancelled, UpsampleFailed, UpsampleOptions  # noqa: E402
+from CycleINRSlicerLib.job import FOLDER_PREFIX, UpsampleJob, describeOutputGrid  # noqa: E402
+from CycleINRSlicerLib.node_io import arrayFromVolumeNode, ijkToRas  # noqa: E402
+from CycleINRSlicerLib.process import UpsampleCancelled, UpsampleFailed, UpsampleOptions  # noqa: E402
 
 MR_OBLIQUE = "demo/pgbm-001_brain_mr_t1post_6.5mm.nii.gz"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -195,7 +195,7 @@ def test_the_readout_states_spacing_slices_and_size():
 
 def test_noise_levels_of_input_and_output_become_a_plot(oblique_mr, scene, temp_folders):
     pytest.importorskip("CycleINRLib.metrics", reason="CycleINRLib.metrics is not there yet")
-    from CycleINRResults import addNoisePlot, noiseLevels, summary
+    from CycleINRSlicerLib.results import addNoisePlot, noiseLevels, summary
 
     output = job(oblique_mr, temp_folders, factor=2.0).wait()
     inputLevels, outputLevels = noiseLevels(oblique_mr, 2), noiseLevels(output, 2)
@@ -212,7 +212,7 @@ def test_noise_levels_of_input_and_output_become_a_plot(oblique_mr, scene, temp_
 
 
 def test_requests_that_would_fail_later_are_refused_before_anything_is_written(oblique_mr, scene):
-    from CycleINRJob import checkRequest
+    from CycleINRSlicerLib.job import checkRequest
 
     def node(array, className="vtkMRMLScalarVolumeNode", target=scene):
         image = sitk.GetImageFromArray(array)
@@ -310,7 +310,7 @@ def test_a_node_removed_while_the_run_goes_on_cancels_it_at_the_next_poll(obliqu
 
 
 def test_the_output_records_the_axis_that_was_upsampled(oblique_mr, scene, temp_folders):
-    from CycleINRJob import upsampledAxis
+    from CycleINRSlicerLib.job import upsampledAxis
 
     output = job(oblique_mr, temp_folders, factor=2.0, axis=0).wait()
     assert output.GetImageData().GetDimensions()[0] == geometry.output_slice_count(40, 2.0)

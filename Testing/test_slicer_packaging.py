@@ -49,6 +49,16 @@ def test_the_module_lists_every_file_of_its_folder():
     assert "slicerMacroBuildScriptedModule(" in module.read_text()
 
 
+def test_every_python_file_at_the_top_of_the_module_folder_is_a_module():
+    """Slicer loads each .py file at the top of a module folder as a scripted module whose class
+    has the file's name (helpers go in a package); a helper there would fail to load at every
+    start and run its code again over the imported one."""
+    for script in sorted((REPOSITORY / "CycleINR").glob("*.py")):
+        classes = {node.name: node for node in ast.parse(script.read_text()).body if isinstance(node, ast.ClassDef)}
+        assert script.stem in classes, f"{script.name} defines no class {script.stem}: move it into CycleINRSlicerLib/"
+        assert [base.id for base in classes[script.stem].bases if isinstance(base, ast.Name)] == ["ScriptedLoadableModule"]
+
+
 def test_the_top_level_cmake_is_a_slicer_extension():
     text = (REPOSITORY / "CMakeLists.txt").read_text()
     assert re.search(r"^project\(CycleINR\)", text, re.M)
@@ -78,6 +88,6 @@ def test_the_license_is_apache_2():
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
 
 
-@pytest.mark.parametrize("script", sorted((REPOSITORY / "CycleINR").glob("*.py")), ids=lambda path: path.name)
+@pytest.mark.parametrize("script", sorted((REPOSITORY / "CycleINR").rglob("*.py")), ids=lambda path: path.name)
 def test_module_scripts_use_only_the_grammar_of_the_oldest_supported_slicer_python(script):
     ast.parse(script.read_text(), filename=str(script), feature_version=SLICER_PYTHON)

@@ -15,7 +15,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
 from CycleINRLib import geometry  # noqa: E402
-from CycleINRProcess import (  # noqa: E402
+from CycleINRSlicerLib.process import (  # noqa: E402
     EXIT_BAD_INPUT,
     UpsampleCancelled,
     UpsampleFailed,
@@ -126,7 +126,7 @@ def test_cancel_through_a_launcher_stops_its_child_too(shared_data, tmp_path):
 SLICER_THAT_CRASHES = """
 import os, sys, time
 sys.path.insert(0, sys.argv[3])
-from CycleINRProcess import UpsampleOptions, UpsampleProcess, upsampleCommand
+from CycleINRSlicerLib.process import UpsampleOptions, UpsampleProcess, upsampleCommand
 process = UpsampleProcess(upsampleCommand(sys.executable, sys.argv[1], sys.argv[2], UpsampleOptions(factor=3.0, device="cpu")),
                           sys.argv[4])
 process.start()

@@ -20,8 +20,8 @@ from CycleINRLib import geometry
 from CycleINRLib.config import DEVICES as LIBRARY_DEVICES
 from CycleINRLib.errors import InputError
 from CycleINRLib.io import Volume, validate_volume
-from CycleINRNodeIO import alignAxes, arrayFromVolumeNode, copyDisplay, readVolumeNode, writeVolumeNode
-from CycleINRProcess import ProgressCallback, UpsampleCancelled, UpsampleOptions, UpsampleProcess, upsampleCommand
+from .node_io import alignAxes, arrayFromVolumeNode, copyDisplay, readVolumeNode, writeVolumeNode
+from .process import ProgressCallback, UpsampleCancelled, UpsampleOptions, UpsampleProcess, upsampleCommand
 
 AXIS_NAMES = ("I", "J", "K")
 DEVICES = (*LIBRARY_DEVICES, "gpu")  # gpu: the logic resolves it to cuda or mps

@@ -11,7 +11,7 @@ import slicer
 import vtk
 
 from CycleINRLib import metrics
-from CycleINRNodeIO import arrayFromVolumeNode
+from .node_io import arrayFromVolumeNode
 
 
 @dataclass
