@@ -13,8 +13,8 @@ import importlib.util
 import inspect
 import logging
 import os
-import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -125,7 +125,8 @@ class CycleINRParameterNode:
     """Every field is bound to a widget of CycleINR.ui through its SlicerParameterName property
     (decimals and steps are set there too: the Decimals annotation is newer than Slicer 5.4).
 
-    weightsPath: empty (shown as ".") means the weights bundled with the extension.
+    weightsPath: empty means the weights bundled with the extension (a plain line edit: CTK's path
+    line edit never reports a cleared field, so the bundled weights could not be chosen again).
     maxMemoryGB: 0 means the engine's default budget.
     outputVolume: None means a new volume node named after the input and the factor.
     """
@@ -136,7 +137,7 @@ class CycleINRParameterNode:
     targetSpacing: Annotated[float, WithinRange(0.01, 100.0)] = 1.0
     sliceAxis: SliceAxis = SliceAxis.AUTO
     device: Device = Device.AUTO
-    weightsPath: pathlib.Path
+    weightsPath: str = ""
     maxMemoryGB: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0
     keepAcquiredSlices: bool = True
     matchNoise: bool = False
@@ -179,6 +180,7 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.showViewsButton.connect("clicked(bool)", self.onShowViewsButton)
+        self.ui.weightsBrowseButton.connect("clicked(bool)", self.onBrowseWeights)
         self.ui.progressBar.hide()
         self.ui.showViewsButton.enabled = False
         self.initializeParameterNode()
@@ -254,6 +256,12 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is None and not self._starting:
             self.ui.applyButton.enabled = ready
 
+    def onBrowseWeights(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, "CycleINR weights file", self._parameterNode.weightsPath,
+                                              "CycleINR weights (*.safetensors)")
+        if path:
+            self._parameterNode.weightsPath = path
+
     def onApplyButton(self) -> None:
         if self._job is not None:
             self._job.cancel()
@@ -309,7 +317,10 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showResults(job, outputNode)
 
     def _showResults(self, job: UpsampleJob, outputNode) -> None:
-        slicer.util.setSliceViewerLayers(background=outputNode, fit=True)
+        if slicer.app.layoutManager().layout == COMPARISON_LAYOUT_ID:  # keep its input views on the input
+            self.logic.showComparisonViews(job.inputNode, outputNode)
+        else:  # (this sets every slice view, the hidden comparison views too: Compare resets those)
+            slicer.util.setSliceViewerLayers(background=outputNode, fit=True)
         warnings = "".join(f"\nWarning: {message}" for message in job.process.warnings)
         self._setStatus(f"Done: '{outputNode.GetName()}' on {job.process.result.get('device', '?')} "
                         f"in {job.process.result.get('seconds', 0):.1f} s.{warnings}")
@@ -418,7 +429,8 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def optionsFromParameters(parameters: CycleINRParameterNode) -> UpsampleOptions:
         byFactor = parameters.amount is Amount.FACTOR
-        weights = str(parameters.weightsPath) if str(parameters.weightsPath) not in ("", ".") else None
+        # "." is how scenes saved before 2026-11-27 stored an empty path
+        weights = parameters.weightsPath.strip() if parameters.weightsPath.strip() not in ("", ".") else None
         return UpsampleOptions(
             factor=parameters.factor if byFactor else None,
             spacing=None if byFactor else parameters.targetSpacing,
@@ -491,23 +503,31 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
     def _install(self, requirements: list) -> None:
         """pip-install after one confirmation listing `requirements`; Slicer's numpy and SimpleITK
         stay pinned. Under Slicer's --testing (the self-test in CTest) nobody can answer a dialog,
-        which would wait for ever: it installs without one, as PyTorchUtils does for torch."""
+        which would wait for ever: it installs without one, as PyTorchUtils does for torch.
+        A declined install returns (the caller finds the packages missing); a failed one raises
+        UpsampleFailed."""
         testing = slicer.app.testingEnabled()
         slicerPackaging = self._slicerPackaging()
         with tempfile.TemporaryDirectory(prefix="CycleINR-") as folder:
             constraints = self._writeBundledConstraints(os.path.join(folder, "constraints.txt"))
-            if slicerPackaging is not None:  # it asks for confirmation itself
-                from packaging.requirements import Requirement
+            try:
+                if slicerPackaging is not None:  # it asks for confirmation itself
+                    from packaging.requirements import Requirement
 
-                accepted = inspect.signature(slicerPackaging.pip_ensure).parameters
-                unattended = {name: value for name, value in (("prompt_install", not testing), ("skip_in_testing", False))
-                              if name in accepted}
-                slicerPackaging.pip_ensure([Requirement(requirement) for requirement in requirements],
-                                           requester="Upsample slices (CycleINR)", constraints=constraints, **unattended)
-            elif testing or slicer.util.confirmOkCancelDisplay(
-                    "Upsample slices needs these Python packages, which will be downloaded and installed now:\n"
-                    + "\n".join(requirements), windowTitle="Upsample slices"):
-                slicer.util.pip_install(requirements + ["--constraint", constraints])
+                    accepted = inspect.signature(slicerPackaging.pip_ensure).parameters
+                    unattended = {name: value for name, value in (("prompt_install", not testing), ("skip_in_testing", False))
+                                  if name in accepted}
+                    slicerPackaging.pip_ensure([Requirement(requirement) for requirement in requirements],
+                                               requester="Upsample slices (CycleINR)", constraints=constraints, **unattended)
+                elif testing or slicer.util.confirmOkCancelDisplay(
+                        "Upsample slices needs these Python packages, which will be downloaded and installed now:\n"
+                        + "\n".join(requirements), windowTitle="Upsample slices"):
+                    slicer.util.pip_install(requirements + ["--constraint", constraints])
+            except subprocess.CalledProcessError as error:
+                raise UpsampleFailed(f"pip could not install {', '.join(requirements)} (exit status {error.returncode}); "
+                                     "its output is in the Python console") from None
+            except RuntimeError as error:  # slicer.packaging's pip_ensure when the user declines
+                logging.info("Upsample slices: %s", error)
         importlib.invalidate_caches()
 
     @staticmethod
@@ -523,13 +543,20 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _writeBundledConstraints(path: str) -> str:
         """A pip constraints file pinning Slicer's own numpy and SimpleITK, so neither is replaced:
-        the versions pip sees (a build's own version string need not be one pip accepts)."""
+        the versions pip sees; one it cannot read (a build's own version string) stays unpinned."""
+        from packaging.version import InvalidVersion, Version
+
         pins = []
         for name in ("numpy", "SimpleITK"):
             try:
-                pins.append(f"{name}=={importlib.metadata.version(name)}\n")
+                version = importlib.metadata.version(name)
+                Version(version)
             except importlib.metadata.PackageNotFoundError:
                 continue  # not a distribution pip knows of: nothing it could replace
+            except InvalidVersion:
+                logging.warning("Upsample slices: %s %s is not a version pip reads; not pinned", name, version)
+                continue  # pip would refuse the whole constraints file
+            pins.append(f"{name}=={version}\n")
         with open(path, "w") as constraints:
             constraints.writelines(pins)
         return path
@@ -570,6 +597,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         if not layoutNode.IsLayoutDescription(COMPARISON_LAYOUT_ID):
             layoutNode.AddLayoutDescription(COMPARISON_LAYOUT_ID, self._comparisonLayout())
         layoutManager.setLayout(COMPARISON_LAYOUT_ID)
+        slicer.app.processEvents()  # the new views take their size: fitting before would frame them badly
         volumes = {"input": inputVolumeNode, "output": outputVolumeNode}
         for viewName, _, role in COMPARISON_VIEWS:
             sliceWidget = layoutManager.sliceWidget(viewName)

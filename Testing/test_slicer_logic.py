@@ -151,3 +151,47 @@ def test_packages_install_without_a_dialog_only_under_testing(logic, monkeypatch
         ((requirements, constraints),) = installs.installed
         assert requirements == ["tqdm>=4.0"] and installs.asked == (0 if testing else 1)
         assert f"numpy=={np.__version__}" in constraints
+
+
+def test_the_panel_s_settings_become_the_command_s_options(logic):
+    """An empty weights field (or the "." of scenes saved by the earlier path widget) means the
+    bundled weights; a path is passed on without the spaces a paste may bring."""
+    module = sys.modules[type(logic).__module__]
+    settings = dict(amount=module.Amount.FACTOR, factor=2.5, targetSpacing=1.0, sliceAxis=module.SliceAxis.AUTO,
+                    device=module.Device.CPU, maxMemoryGB=0.0, keepAcquiredSlices=True, matchNoise=False,
+                    flipEnsemble=False, bf16=False)
+    for field, weights in (("", None), (".", None), ("  ", None), (" /data/mr.safetensors ", "/data/mr.safetensors")):
+        options = logic.optionsFromParameters(types.SimpleNamespace(weightsPath=field, **settings))
+        assert options.weights == weights
+        assert (options.factor, options.spacing, options.device, options.maxMemoryGB) == (2.5, None, "cpu", None)
+
+
+@pytest.mark.parametrize("outcome", ["declined", "pip failed"])
+def test_a_declined_or_failed_install_says_so(logic, monkeypatch, outcome):
+    """slicer.packaging raises RuntimeError when the user declines, pip_install CalledProcessError
+    when pip fails: neither may reach the panel as a raw error."""
+    import subprocess
+
+    def pip_ensure(requirements, **options):
+        if outcome == "declined":
+            raise RuntimeError("User declined package installation")
+        raise subprocess.CalledProcessError(1, ["pip", "install"])
+
+    monkeypatch.setattr(slicer, "app", _Installs(False).app, raising=False)
+    monkeypatch.setattr(logic, "_slicerPackaging", lambda: types.SimpleNamespace(pip_ensure=pip_ensure))
+    module = sys.modules[type(logic).__module__]
+    if outcome == "declined":
+        logic._install(["tqdm>=4.0"])
+    else:
+        with pytest.raises(module.UpsampleFailed, match=r"pip could not install tqdm>=4.0 \(exit status 1\)"):
+            logic._install(["tqdm>=4.0"])
+
+
+def test_a_version_pip_cannot_read_is_left_out_of_the_constraints(logic, monkeypatch, tmp_path):
+    """A source build's version string (not PEP 440) would make pip refuse the whole file."""
+    import importlib.metadata
+
+    versions = {"numpy": "1.26.4", "SimpleITK": "2.4.0-g1a2b3c-dirty"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    path = logic._writeBundledConstraints(str(tmp_path / "constraints.txt"))
+    assert Path(path).read_text() == "numpy==1.26.4\n"

@@ -177,8 +177,11 @@ class UpsampleProcess:
 
     def _signalGroup(self, signum) -> None:
         if os.name != "posix":  # no SIGTERM for a process tree there: end it outright
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._process.pid)], capture_output=True,
-                           creationflags=subprocess.CREATE_NO_WINDOW)
+            try:
+                subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._process.pid)], capture_output=True,
+                               creationflags=subprocess.CREATE_NO_WINDOW, check=True)
+            except (OSError, subprocess.CalledProcessError):  # no taskkill, or the tree is gone already
+                self._process.kill()  # the launcher at least (a no-op once it has exited)
             return
         try:
             os.killpg(self._process.pid, signum)
