@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         "size": list(result.size), "spacing": list(result.spacing),
         "origin": list(result.origin), "direction": list(result.direction),
         "axis": axis, "factor": factor, "device": str(device), "weights": str(weights.path),
-        "trained": weights.trained, "match_noise": args.match_noise,
+        "trained": weights.trained, "keep_acquired_slices": args.keep_acquired_slices, "match_noise": args.match_noise,
         "flip_ensemble": args.flip_ensemble, "bf16": args.bf16, "seconds": round(seconds, 2),
     }
     reporter.done(summary, _summary_text(summary))

@@ -30,9 +30,16 @@ def test_settings_added_later_keep_older_files_loading_as_before():
         ModelConfig.from_dict({**older, "decoder_activation": "tanh"})
 
 
-def test_bundled_weights_load():
+def test_bundled_weights_load_trained_with_their_provenance():
     model, info = load_model()
     assert info.path == DEFAULT_WEIGHTS and isinstance(model, CycleINR)
+    assert info.trained and info.config == NAMED_CONFIGS["light"]
+    assert model.decoder.output.weight.abs().sum() > 0  # an untrained light model is linear interpolation
+    provenance = info.provenance
+    assert len(provenance["training_data"]) == 4 and provenance["steps"] > 0
+    gains = [provenance["validation"][f"{case}/gain_over_linear_db"] for case in ("2:2", "3:3", "5:5", "5:2.5")]
+    assert all(gain > 0.5 for gain in gains)
+    assert "provenance" in provenance["initialised_from"]  # the stages before, nested
 
 
 def test_missing_file(tmp_path):

@@ -66,6 +66,41 @@ def test_tiled_equals_untiled(config, shape, factor, axes):
     assert np.abs(untiled - tiled).max() <= 1e-5 * np.abs(untiled).max()
 
 
+@pytest.mark.parametrize("config", ["light", "paper"])
+def test_a_tile_decodes_exactly_what_the_whole_volume_does(config):
+    """Blending gives a tile's border voxels weights near e^-8, which would hide a context margin
+    too narrow by a voxel or two; a tile's own, unblended decode of its core must already equal
+    the whole volume's. The encoder's weights are scaled up so that a voxel at its receptive
+    radius still counts: at the default initialisation a margin one voxel short of the radius
+    changes the result by less than float rounding does, with these weights by 4e-4 (light)."""
+    torch.manual_seed(3)
+    net = CycleINR(NAMED_CONFIGS[config]).eval()
+    torch.nn.init.normal_(net.decoder.output.weight, std=0.05)
+    with torch.no_grad():
+        for convolution in net.encoder.modules():
+            if isinstance(convolution, torch.nn.Conv3d):
+                convolution.weight *= 2.5
+    radius = net.config.receptive_radius
+    size = 2 * radius + 16
+    volume = (_ct_like((size,) * 3).astype(np.float32) + 200) / 400
+    factor, cpu = 2.5, torch.device("cpu")
+    positions = engine.geometry.output_positions(size, factor)
+    halo = engine.plan_tiles(volume.shape, factor, net, 8 * 2**30).halo
+    start, stop = radius + 4, size - radius - 4  # every side of the core has context to cut
+    inside = np.flatnonzero((positions >= start) & (positions <= stop - 1))
+
+    def decode(cores):
+        tile = engine._encode_tile(volume, cores, halo, net, cpu)
+        local = torch.as_tensor(positions[inside] - tile.origin[0], dtype=torch.float32)
+        rows, columns = (slice(start - origin, stop - origin) for origin in tile.origin[1:])
+        return net.decode(tile.grid, tile.volume, local)[0, 0][:, rows, columns]
+
+    with torch.inference_mode():
+        whole = decode(((0, size),) * 3)
+        tiled = decode(((start, stop),) * 3)
+    assert (tiled - whole).abs().max() <= 5e-6 * whole.abs().max()  # float rounding (convolutions of other sizes)
+
+
 def test_cancel_stops_within_a_tile_and_returns_nothing(model):
     volume = _ct_like((10, 30, 30))
     reports = []
@@ -128,6 +163,25 @@ def test_output_keeps_pixel_type_and_acquired_slices(model):
     generated = engine.upsample_array(volume, 2.0, model, axis=0, keep_acquired_slices=False)
     assert not np.array_equal(generated[::2], volume)
     assert np.abs(result[1::2].astype(int) - generated[1::2]).max() <= 1  # float rounding at most
+
+
+def test_integer_outputs_are_clipped_to_the_pixel_type_not_wrapped():
+    """A prediction just below 0 on an unsigned MR's zero background must stay 0, not wrap to 65535."""
+    from dataclasses import replace
+
+    from CycleINRLib.config import Normalization
+    from CycleINRLib.io import to_pixel_type
+
+    assert to_pixel_type(np.array([-0.7, -3.0, 70000.4, 7.5], np.float32), np.uint16).tolist() == [0, 0, 65535, 8]
+    assert to_pixel_type(np.array([-40000.0, 40000.0], np.float32), np.int16).tolist() == [-32768, 32767]
+    config = replace(NAMED_CONFIGS["light"], normalization=Normalization("percentile", 0.5, 99.5))
+    darker = CycleINR(config)
+    with torch.no_grad():
+        darker.decoder.output.bias.fill_(-0.5)  # half the intensity window below linear interpolation
+    mr = np.random.default_rng(5).gamma(4.0, 150.0, (6, 20, 20)).astype(np.uint16)
+    mr[:, :, :5] = 0  # background
+    result = engine.upsample_array(mr, 2.0, darker)
+    assert (result[1::2, :, :5] == 0).all() and result.max() <= mr.max()
 
 
 def test_acquired_slices_that_are_kept_are_not_decoded(model, monkeypatch):
@@ -200,6 +254,9 @@ def test_padding_is_kept_where_it_lies_on_both_sides_of_a_new_slice(model):
     assert (on_padding[:5, :4, :4] == -3024).all()  # output slices 0-4 lie between input slices 0-2
     np.testing.assert_array_equal(on_padding[5:], on_air[5:])
     np.testing.assert_array_equal(on_padding[:, 4:], on_air[:, 4:])
+    padded[1, :4, :4] = -2048  # another scanner's padding value: interpolated, each side by its distance
+    quarters = engine.upsample_array(padded, 4.0, model)[1:4, :4, :4]
+    assert [np.unique(plane).tolist() for plane in quarters] == [[-2780], [-2536], [-2292]]
 
 
 def test_percentile_normalization_follows_the_input_and_is_undone():

@@ -85,6 +85,9 @@ def test_harness_compares_each_output_slice_with_the_truth_at_its_position():
     assert oracle_row["psnr_generated"] == pytest.approx(20.0) and oracle_row["psnr_all"] == pytest.approx(20.0)
     assert oracle_row["snli"] == pytest.approx(oracle_row["snli_truth"], rel=1e-3)
     assert linear_row["psnr_generated"] < linear_row["psnr_all"]  # its acquired slices are exact
+    # SSIM per slice: the 5 acquired slices score 1, so "all" is the generated mean diluted by them
+    assert linear_row["ssim_generated"] < 0.99
+    assert linear_row["ssim_all"] == pytest.approx((16 * linear_row["ssim_generated"] + 5) / 21, abs=1e-9)
     assert linear_row["noise_mean"] < linear_row["noise_mean_truth"]  # interpolation smooths the noise
     assert set(result.views["coronal"]) == {"input", "oracle", "linear", "truth"}
     assert result.view_spacing["coronal"] == (2.5, 0.7)

@@ -56,7 +56,9 @@ def test_success_reports_progress_and_the_output_grid(shared_data, tmp_path):
     weights = REPOSITORY / "CycleINRLib" / "weights" / "cycleinr_ct.safetensors"
     options = UpsampleOptions(factor=2.5, axis=2, device="cpu", weights=str(weights), maxMemoryGB=1.0,
                               keepAcquiredSlices=False, matchNoise=True, flipEnsemble=True, bf16=True)
-    assert options.arguments()[-3:] == ["--match-noise", "--flip-ensemble", "--bf16"]
+    assert options.arguments() == ["--factor", "2.5", "--axis", "2", "--device", "cpu", "--weights", str(weights),
+                                   "--max-memory", "1.0", "--no-keep-acquired-slices", "--match-noise",
+                                   "--flip-ensemble", "--bf16"]
     reports = []
     process = cli(inputPath, outputPath, options)
     process.start()
@@ -66,7 +68,7 @@ def test_success_reports_progress_and_the_output_grid(shared_data, tmp_path):
     assert fractions and all(0.0 <= f <= 1.0 for f in fractions) and fractions[-1] == 1.0
     assert all(message for _, message in reports)
     assert result["output"] == str(outputPath.resolve()) and outputPath.is_file() and result["match_noise"] is True
-    assert result["flip_ensemble"] is True and result["bf16"] is True
+    assert result["flip_ensemble"] is True and result["bf16"] is True and result["keep_acquired_slices"] is False
     expected_size, expected_spacing = geometry.output_size_and_spacing((24, 20, 6), (0.6875, 0.6875, 6.5), 2, 2.5)
     assert tuple(result["size"]) == expected_size == sitk.ReadImage(str(outputPath)).GetSize()
     assert result["spacing"] == pytest.approx(expected_spacing)

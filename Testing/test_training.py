@@ -71,6 +71,8 @@ def test_fractional_degradation_matches_integer_one_and_interpolates():
         assert np.allclose(degrade_at(thin, np.arange(0, 17, 4), 4, mode=mode), degrade(thin, 4, mode=mode), atol=1e-5)
     halfway = degrade_at(thin, [2.3], 2.3, mode="interval")[0]
     assert np.allclose(halfway, 0.7 * thin[2] + 0.3 * thin[3], atol=1e-5)
+    past_halfway = degrade_at(thin, [2.7], 2.7, mode="interval")[0]  # between 2 and 3, not around 3
+    assert np.allclose(past_halfway, 0.3 * thin[2] + 0.7 * thin[3], atol=1e-5)
     box = degrade_at(thin, [5.0], 2.5, mode="thick")[0]  # box [3.75, 6.25]: 3/4 of slices 4 and 6, all of 5
     assert np.allclose(box, (0.75 * thin[4] + thin[5] + 0.75 * thin[6]) / 2.5, atol=1e-5)
 
@@ -113,6 +115,15 @@ def test_cycle_loss_by_hand_and_differentiable():
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     assert gradients and all(torch.isfinite(g).all() for g in gradients)
     assert model.decoder.output.bias.grad.abs().sum() > 0
+    # r = 2.3: HR positions j / 2.3 for j = 0..4 -> .2, 10.6/23, 16.6/23, 16.3/23, 13.3/23; the last LR slice,
+    # at HR position 4.6, lies beyond them and is left out; LR slice 1 at 2.3 -> (.7 * 16.6 + .3 * 16.3) / 23
+    # = 16.51/23 against .8: mean |error| over the two slices (.8 - 16.51/23) / 2
+    with torch.no_grad():
+        model.decoder.output.bias.fill_(0.0)
+    generated, reestimated = losses.CycleObjective(model)(low, 2.3, cycle=True)
+    assert torch.allclose(generated[0, 0, :, 0, 0], torch.tensor([4.6, 10.6, 16.6, 16.3, 13.3]) / 23, atol=1e-6)
+    assert reestimated.shape[2] == 2
+    assert losses.cycle_loss(reestimated, low).item() == pytest.approx((0.8 - 16.51 / 23) / 2, abs=1e-6)
 
 
 def test_noise_level_is_the_snli_estimator_with_a_trimmed_mean():
@@ -654,3 +665,26 @@ def test_padding_outside_the_field_of_view_trains_as_air(crops, tmp_path):
         [volume] = data.load_volumes(tmp_path / "padded.nii.gz", small_config(crops, tmp_path).data, normalization)
         assert volume.array.min() == lowest and volume.array.dtype == padded.dtype
         np.testing.assert_array_equal(volume.array[:, :, 6:], padded[:, :, 6:])
+
+
+def test_a_volume_with_thick_slices_trains_on_its_thin_in_plane_axes(crops, tmp_path):
+    """Spacing is ITK's (x, y, z), the array numpy's (z, y, x): a 3 mm slice axis is no truth."""
+    head = read_volume(crops / "b.nii.gz")
+    write_volume(Volume(head.array, (0.7, 0.7, 3.0), head.origin, head.direction), tmp_path / "thick.nii.gz")
+    [volume] = data.load_volumes(tmp_path / "thick.nii.gz", small_config(crops, tmp_path).data,
+                                 NAMED_CONFIGS["light"].normalization)
+    assert (volume.slice_axis, volume.truth_axes) == (0, (1, 2))
+
+
+def test_a_restored_checkpoint_brings_back_torch_s_random_state(tmp_path):
+    """What a resumed run draws from torch (dropout, torch-side augmentation) must repeat too."""
+    model = CycleINR(NAMED_CONFIGS["light"])
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10, 0.5)
+    torch.manual_seed(5)
+    torch.rand(7)
+    state = torch.get_rng_state()
+    checkpoint = checkpointing.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, {}, keep=1)
+    torch.manual_seed(0)
+    checkpointing.restore(*checkpointing.read_checkpoint(checkpoint), model, optimizer, scheduler)
+    assert torch.equal(torch.get_rng_state(), state)
