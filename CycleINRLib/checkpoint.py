@@ -65,6 +65,8 @@ def write_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -
 
 def read_description(path: Path) -> dict:
     """The JSON description of a weights file, with a one-line error for any defect."""
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder; give a .safetensors file")
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     if not os.access(path, os.R_OK):

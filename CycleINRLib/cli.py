@@ -1,14 +1,16 @@
 """The `cycleinr` command: upsample, snli, evaluate.
 
 Every command turns bad input, and a file it cannot write, into one line on stderr and exit
-code 2; an interrupt or SIGTERM (how a GUI cancels) leaves no partial output and exits 130,
-and so does a GUI that goes away while it reads the JSON progress lines.
+code 2; an interrupt, SIGTERM (how a GUI cancels) or SIGHUP (a closed terminal) leaves no
+partial output and exits 130, and so does a GUI that goes away while it reads the JSON progress
+lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -53,12 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CANCEL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def _terminate_as_interrupt(signum, frame):
+    for cancel in CANCEL_SIGNALS:  # a second request must not interrupt the clean-up of the first
+        signal.signal(cancel, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
+def _null_for_closed_streams() -> None:
+    """Python leaves sys.stdout or sys.stderr None when it starts with that file closed
+    (`2>&-`); the messages then go nowhere instead of failing the run."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    _null_for_closed_streams()
+    for cancel in CANCEL_SIGNALS:
+        signal.signal(cancel, _terminate_as_interrupt)
     try:
         parser = build_parser()  # imports torch: seconds in which a cancel must not give a traceback
     except KeyboardInterrupt:

@@ -19,11 +19,10 @@ from .degrade import DEGRADATIONS
 from .errors import InputError
 from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
 from .geometry import slice_axis
-from .io import partial_name, read_volume
+from .io import VOLUME_SUFFIXES, check_name_encoding, partial_name, read_volume, resolved_folder, volume_files
 from .metrics import CT_RANGE, lpips_availability
 from .progress import Reporter
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 DEGRADATION_NOTES = {
     "interval": "interval: keep every k-th thin slice (the paper's protocol)",
     "thick": "thick: average over a box slice profile k thin slices wide, as a thick-slice reconstruction does",
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     cases = list(dict.fromkeys(parse_case(text) for text in args.cases))  # a case given twice is measured once
     value_range = _parse_range(args.value_range)
     paths = _truth_paths(args.truth)
-    output_dir = _check_output_dir(Path(args.output_dir), args.overwrite)
+    output_dir = _check_output_dir(args.output_dir, args.overwrite)
     lpips, lpips_reason = lpips_availability()
     methods = make_methods(args.methods, args.weights, args.device, args.flip_ensemble, args.bf16)
     total = len(paths) * len(args.degradation) * len(cases) * len(methods)
@@ -83,9 +82,12 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         done.append(label)
         reporter.progress(len(done) / total, label)
 
-    staging = output_dir.parent / partial_name(output_dir.name)
-    staging.mkdir()
+    # on the file system the results go to: inside DIR when it exists (a link to scratch space,
+    # a folder whose parent is read-only), beside it otherwise
+    staging = (output_dir / partial_name("results") if output_dir.is_dir()
+               else resolved_folder(output_dir.parent) / partial_name(output_dir.name))
     try:
+        staging.mkdir()
         rows, names, ranges, truths = [], [], [], []
         for path in paths:
             reporter.progress(len(done) / total, f"reading {path.name}")
@@ -96,6 +98,9 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
             for warning in _unexpected_input_warnings(path, volume.array, methods):
                 reporter.warning(warning)
             volume_range = value_range or (float(volume.array.min()), float(volume.array.max()))
+            if value_range and not (volume.array.min() <= value_range[1] and volume.array.max() >= value_range[0]):
+                raise InputError(f"{path}: its values {volume.array.min():g} to {volume.array.max():g} lie outside "
+                                 f"--range {value_range[0]:g}:{value_range[1]:g}, where every method would score perfectly")
             if not volume_range[1] > volume_range[0]:
                 raise InputError(f"{path}: every voxel is {volume_range[0]:g}; --range truth needs a truth with "
                                  "more than one value (give --range LOW:HIGH)")
@@ -168,7 +173,7 @@ def _truth_paths(arguments: list[str]) -> list[Path]:
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+            files = volume_files(path)
             paths += files or [path]
         else:
             paths.append(path)
@@ -182,14 +187,21 @@ def _unique_name(path: Path, names: list[str]) -> str:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    if name in names:
-        name = f"{name}-{len(names) + 1}"
+    stem, number = name, 1
+    while name in names:  # a.nii.gz, a-2.nii.gz, a.nii.gz: the third is a-3, not a second a-2
+        number += 1
+        name = f"{stem}-{number}"
     names.append(name)
     return name
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> Path:
-    if not path.parent.resolve().is_dir():
+def _check_output_dir(name: str, overwrite: bool) -> Path:
+    if not name.strip():
+        raise InputError("-o/--output-dir needs a folder name")
+    path = check_name_encoding(name)
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: is a link that leads nowhere (or back to itself)")
+    if not resolved_folder(path.parent).is_dir():
         raise InputError(f"{path}: parent folder {path.parent} does not exist")
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is not a folder")

@@ -52,8 +52,9 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace, reporter: Reporter) -> int:
     started = time.perf_counter()
-    if not 0 < args.max_memory < float("inf"):
-        raise InputError(f"--max-memory must be a positive number of GB, not {args.max_memory:g}")
+    if not 0 < args.max_memory <= engine.MAX_MEMORY_GB:
+        raise InputError(f"--max-memory must be a number of GB above 0 and at most {engine.MAX_MEMORY_GB:g}, "
+                         f"not {args.max_memory:g}")
     output = check_output_path(args.output, args.overwrite)
     if output.exists() and Path(args.input).exists() and os.path.samefile(output, args.input):
         raise InputError(f"{output}: is the input; write the upsampled volume to another file")

@@ -51,10 +51,10 @@ class Normalization:
 
     def unexpected_input(self, array: np.ndarray) -> str | None:
         """Why `array` does not look like what weights with this normalization expect, or None."""
-        lowest = array.min()
+        lowest = float(array.min())  # a Python float: int8's span 255 does not wrap
         # A crop of soft tissue has no air but has fat, below 0 HU; MR and CT stored as HU + 1024 have nothing below 0.
         if self.kind == "window" and lowest > CT_AIR_CEILING_HU and (lowest >= 0 or array.max() - lowest < HU_SPAN_FLOOR):
-            return f"the input's lowest value is {lowest}, so it does not look like CT in HU (air is about -1000)"
+            return f"the input's lowest value is {lowest:g}, so it does not look like CT in HU (air is about -1000)"
         return None
 
     def raise_to_floor(self, array: np.ndarray) -> np.ndarray:

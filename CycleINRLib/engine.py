@@ -28,6 +28,7 @@ from .models.cycleinr import decode_block_pixels, inference_memory_format
 from .models.latent_sampling import LatentGrid
 
 DEFAULT_MAX_MEMORY_GB = 6.0
+MAX_MEMORY_GB = 65536.0  # more than any machine has: a bound, not a limit
 RUNTIME_BYTES = 500 * 2**20  # Python, torch, SimpleITK and the model (measured 345 MB), counted in the budget
 MIN_CORE = 8  # smallest tile core (low-resolution voxels per axis) worth its context margin
 TILE_OVERLAP = 2  # low-resolution voxels shared by neighbouring tile cores
@@ -241,6 +242,9 @@ def upsample_array(
     del normalized
     result *= high - low
     result += low
+    if not all(np.isfinite(output_slice).all() for output_slice in result):  # slice by slice: no volume-sized mask
+        raise InputError(f"the result holds NaN or infinite values: input intensities from {slices_first.min():g} to "
+                         f"{slices_first.max():g} are beyond what float32 arithmetic in the model holds")
     if normalization.floor is not None:
         _keep_out_of_field(result, slices_first, positions, normalization.floor)
     if keep_acquired_slices:

@@ -24,6 +24,14 @@ import SimpleITK as sitk
 from .errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")  # what a folder of volumes holds
+
+
+def volume_files(folder: Path) -> list[Path]:
+    """The volume files of a folder, sorted; hidden ones (a partial write's `.partial-*`, macOS's
+    `._*` resource files) are not volumes."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
+                  and path.name.lower().endswith(VOLUME_SUFFIXES))
 SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
 ORTHOGONALITY_TOLERANCE = 1e-4  # direction matrices off by more are sheared
 MAX_SLICE_TILT_DEGREES = 0.5  # DICOM slices stacked further off their normal are sheared (gantry tilt)
@@ -66,7 +74,7 @@ class Volume:
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a NIfTI/NRRD/MHA file, a DICOM series folder or one file of a DICOM series (the
     series it belongs to, from its folder) as a validated 3D scalar volume."""
-    path = Path(path)
+    path = check_name_encoding(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
@@ -273,13 +281,24 @@ def validate_volume(volume: Volume, name: str) -> Volume:
     return volume
 
 
+def check_name_encoding(path: str | os.PathLike) -> Path:
+    """`path`, refused if it is not valid UTF-8 (a Latin-1 name on Linux): SimpleITK hands names
+    to C++ as UTF-8, and such a name aborts the process there, without a word."""
+    path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{path}: the name is not valid UTF-8, which ITK cannot open; rename it") from None
+    return path
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[str, ...] = WRITABLE_SUFFIXES) -> Path:
     """Refuse an output that exists (without overwrite) or is a folder, a missing or read-only
     folder, or an unknown suffix, before any work is done."""
-    path = Path(path)
+    path = check_name_encoding(path)
     if not path.name.endswith(suffixes):  # in lower case: ITK takes .MHA for a header-and-data pair
         raise InputError(f"{path}: output must end in {' or '.join(suffixes)} (lower case)")
-    if not path.parent.resolve().is_dir():
+    if not resolved_folder(path.parent).is_dir():
         raise InputError(f"{path}: output folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"{path}: output folder {path.parent} is not writable")
@@ -318,17 +337,36 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
     return path
 
 
+def resolved_folder(folder: Path) -> Path:
+    """`folder` with its links followed; InputError for a link that leads back to itself."""
+    try:
+        return folder.resolve()
+    except (RuntimeError, OSError) as error:  # Python 3.11 raises RuntimeError for a loop
+        raise InputError(f"{folder}: cannot be followed ({error})") from None
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """A hidden temporary path beside `path` (same suffix), renamed to `path` only if the
-    block completes; removed in every other case."""
+    block completes; removed in every other case. The file gets the permissions of a new file
+    (some writers, safetensors', create theirs readable by their owner alone)."""
     path = Path(path)
     temporary = path.with_name(partial_name(path.name))
     try:
         yield temporary
+        os.chmod(temporary, NEW_FILE_MODE & ~_umask())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+NEW_FILE_MODE = 0o666
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def partial_name(name: str) -> str:

@@ -62,7 +62,10 @@ class Reporter:
             except ProgressReaderGone:
                 pass
         else:
-            print(text, flush=True)
+            try:
+                print(text, flush=True)
+            except OSError:  # `| true`, or a full disk under a redirected stdout: the output is written all the same
+                _discard_further_output(sys.stdout)
 
     def close(self) -> None:
         if self._bar is not None:

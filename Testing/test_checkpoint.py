@@ -76,3 +76,14 @@ def test_file_without_description(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(WeightsError, match="no CycleINR description"):
         load_model(path)
+
+
+def test_a_written_weights_file_is_readable_by_whoever_may_read_new_files(tmp_path):
+    """safetensors creates its files readable by their owner alone: a weights file exported
+    onto the bundled one would then load for nobody else on a shared machine."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = save_model(CycleINR(NAMED_CONFIGS["light"]), tmp_path / "w.safetensors", trained=False)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,10 +1,12 @@
 """`cycleinr upsample` as a user runs it: a real subprocess on a real CT crop."""
 
 import json
+import os
 import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +278,16 @@ def _without_data_file(header: Path) -> Path:
     return header
 
 
+def _copy(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+def _link_to_itself(path: Path) -> Path:
+    path.symlink_to(path.name)
+    return path
+
+
 def _cut_short(path: Path) -> Path:
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) * 2 // 3])
@@ -300,7 +312,12 @@ def _cut_short(path: Path) -> Path:
         ("output_is_folder", "is a folder"),
         ("output_is_input", "is the input"),
         ("empty_folder", "folder holds no DICOM series"),
-        ("max_memory_inf", "--max-memory must be a positive number of GB"),
+        ("max_memory_inf", "--max-memory must be a number of GB above 0 and at most 65536"),
+        ("max_memory_huge", "--max-memory must be a number of GB above 0 and at most 65536"),
+        ("input_name_not_utf8", "the name is not valid UTF-8, which ITK cannot open; rename it"),  # aborted silently
+        ("output_name_not_utf8", "the name is not valid UTF-8"),
+        ("output_folder_loops", "cannot be followed"),
+        ("weights_folder", "is a folder; give a .safetensors file"),
         ("weights_nan", "weights hold NaN or infinite values"),
         ("factor_one", "greater than 1"),
         ("factor_absurd", "maximum"),
@@ -340,6 +357,11 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
         "output_is_input": lambda: [good, good, "--factor", 2, "--overwrite"],
         "empty_folder": lambda: [_folder(tmp_path / "empty"), output, "--factor", 2],  # ITK warns in 3 lines: silenced
         "max_memory_inf": lambda: [good, output, "--factor", 2, "--max-memory", "inf"],
+        "max_memory_huge": lambda: [good, output, "--factor", 2, "--max-memory", "1e300"],
+        "input_name_not_utf8": lambda: [_copy(good, tmp_path / os.fsdecode(b"caf\xe9.nii.gz")), output, "--factor", 2],
+        "output_name_not_utf8": lambda: [good, tmp_path / os.fsdecode(b"caf\xe9.nii.gz"), "--factor", 2],
+        "output_folder_loops": lambda: [good, _link_to_itself(tmp_path / "loop") / "out.nii.gz", "--factor", 2],
+        "weights_folder": lambda: [good, output, "--factor", 2, "--weights", tmp_path],
         "weights_nan": lambda: [good, output, "--factor", 2, "--weights", _nan_weights(tmp_path / "nan.safetensors")],
         "factor_one": lambda: [good, output, "--factor", 1],
         "factor_absurd": lambda: [good, output, "--factor", 25],
@@ -435,14 +457,34 @@ def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop,
     assert sorted(tmp_path.iterdir()) == []
 
 
-def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path):
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGHUP], [signal.SIGTERM, signal.SIGTERM]],
+                         ids=["SIGTERM", "SIGHUP (a closed terminal)", "SIGTERM twice (an impatient GUI)"])
+def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path, signals):
     process = _upsampling_process(ct_crop, tmp_path / "cancelled.nii.gz")
-    process.send_signal(signal.SIGTERM)
+    for number in signals:
+        process.send_signal(number)
+        time.sleep(0.01)
     remaining, errors = process.communicate(timeout=120)
     assert process.returncode == 130, errors
     assert json.loads(remaining.strip().splitlines()[-1])["event"] == "error"
     assert "Traceback" not in errors
     assert list(tmp_path.iterdir()) == []
+
+
+def test_closed_or_full_standard_streams_do_not_fail_a_finished_run(ct_crop, tmp_path):
+    """`| true`, `> /dev/full`, `2>&-`: the volume is written, so the exit status says so."""
+    command = [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop)]
+    piped = subprocess.Popen(command + [str(tmp_path / "piped.nii.gz"), "--factor", "2"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    piped.stdout.close()  # the reader of `| true` has gone before the summary
+    assert piped.wait(timeout=300) == 0 and b"Traceback" not in piped.stderr.read()
+    with open("/dev/full", "w") as full:
+        assert subprocess.run(command + [str(tmp_path / "full.nii.gz"), "--factor", "2"], cwd=REPO, stdout=full,
+                              timeout=300).returncode == 0
+    closed = subprocess.run(command + [str(tmp_path / "closed.nii.gz"), "--factor", "2"], cwd=REPO,
+                            capture_output=True, timeout=300, preexec_fn=lambda: os.close(2))
+    assert closed.returncode == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["closed.nii.gz", "full.nii.gz", "piped.nii.gz"]
 
 
 def test_a_gui_that_goes_away_stops_the_run_without_leaving_files(ct_crop, tmp_path):

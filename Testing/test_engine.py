@@ -184,6 +184,12 @@ def test_integer_outputs_are_clipped_to_the_pixel_type_not_wrapped():
     assert (result[1::2, :, :5] == 0).all() and result.max() <= mr.max()
 
 
+def test_intensities_beyond_float32_arithmetic_are_refused_not_written_as_nan(model):
+    volume = _ct_like((5, 12, 10)).astype(np.float32) * np.float32(1e25)  # finite, but squares overflow
+    with pytest.raises(InputError, match="the result holds NaN or infinite values"):
+        engine.upsample_array(volume, 2.0, model)
+
+
 def test_acquired_slices_that_are_kept_are_not_decoded(model, monkeypatch):
     """At r = 2 half the output slices are copies of the input: decoding them would be wasted."""
     decoded = []
@@ -274,3 +280,12 @@ def test_percentile_normalization_follows_the_input_and_is_undone():
     expected = (mr[:-1].astype(np.float64) + mr[1:]) / 2
     assert result.dtype == np.uint16
     assert np.abs(result[1::2].astype(np.float64) - expected).max() <= 0.5 + 1e-3
+
+
+def test_an_int8_input_is_judged_without_overflow():
+    """int8's span of 255 wrapped to -1: a numpy warning, and the wrong answer to "is this CT?"."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert NAMED_CONFIGS["light"].normalization.unexpected_input(np.array([-128, 0, 127], np.int8)) is None

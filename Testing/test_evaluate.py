@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -118,6 +121,11 @@ def test_snli_command_prints_one_json_object_and_plots(tmp_path):
     assert text.returncode == 0 and text.stdout.startswith("SNLI ") and "along axis 0" in text.stdout
 
 
+def _link_to_itself(path: Path) -> Path:
+    path.symlink_to(path.name)
+    return path
+
+
 def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsys):
     volume, constant = tmp_path / "v.nii.gz", tmp_path / "constant.nii.gz"
     identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
@@ -137,6 +145,10 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         (("evaluate", constant, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),
          "every voxel is 0; --range truth needs a truth with more than one value"),
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "20:2"), "too few"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "5000:6000", "--methods", "linear"),
+         "lie outside --range 5000:6000, where every method would score perfectly"),
+        (("evaluate", volume, "-o", "", "--methods", "linear"), "-o/--output-dir needs a folder name"),
+        (("evaluate", volume, "-o", _link_to_itself(tmp_path / "loop"), "--methods", "linear"), "is a link that leads nowhere"),
         (("evaluate", narrow, "-o", tmp_path / "out", "--methods", "linear"), "slices of 4x16 voxels are smaller than SSIM's 7x7"),
         (("snli", volume, "--plot", tmp_path / "p.jpg"), "must end in .png"),
         (("snli", volume, "--plot", tmp_path / "folder.png", "--overwrite"), "is a folder"),
@@ -144,7 +156,7 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         assert main([str(a) for a in arguments]) == 2, arguments
         stderr = capsys.readouterr().err
         assert reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "folder.png", "narrow.nii.gz", "v.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "folder.png", "loop", "narrow.nii.gz", "v.nii.gz"]
 
 
 def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(tmp_path, capsys):
@@ -159,6 +171,42 @@ def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(t
     assert (out / "results.csv").read_text() == "an earlier result\n" and sorted(p.name for p in out.iterdir()) == [
         "results.csv", "results.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.nii.gz"]  # no staging folder left
+
+
+def test_evaluate_reads_a_folder_s_volumes_and_names_each_once(tmp_path, capsys):
+    """Hidden files are no volumes (a partial write, macOS's ._ files); a-3.nii.gz, a.nii.gz and
+    a.nii.gz again are a-3, a and a-2 (not a second a-3)."""
+    truths = tmp_path / "truths"
+    truths.mkdir()
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    for name, seed in (("a.nii.gz", 1), ("a-3.nii.gz", 2)):
+        write_volume(Volume(noisy_truth(slices=11, size=16, seed=seed), (1.0, 1.0, 2.0), (0, 0, 0), identity), truths / name)
+    (truths / "._a.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (truths / ".partial-0123abcd-b.nii.gz").write_bytes(b"\x1f\x8b cut short")
+    assert main(["evaluate", str(truths), str(truths / "a.nii.gz"), "-o", str(tmp_path / "out"), "--methods", "linear",
+                 "--cases", "2:2"]) == 0, capsys.readouterr().err
+    with open(tmp_path / "out" / "results.csv") as table:
+        assert [row["volume"] for row in csv.DictReader(table)] == ["a-3", "a", "a-2", "mean of 3"]
+
+
+def test_evaluate_writes_through_a_link_to_another_file_system(tmp_path, capsys):
+    """A results folder linked to scratch space: the files are staged where they will stay."""
+    scratch = Path("/dev/shm")
+    if not scratch.is_dir() or not os.access(scratch, os.W_OK) or os.stat(scratch).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second writable file system (/dev/shm) on this machine")
+    volume = tmp_path / "v.nii.gz"
+    write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), volume)
+    target = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        (tmp_path / "linked").symlink_to(target)
+        (tmp_path / "parent").symlink_to(target)
+        for output in (tmp_path / "linked", tmp_path / "parent" / "new"):  # the link itself; a new folder in it
+            assert main(["evaluate", str(volume), "-o", str(output), "--methods", "linear", "--cases", "2:2"]) == 0, \
+                capsys.readouterr().err
+            assert (output / "results.csv").is_file()
+        assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []  # no staging left
+    finally:
+        shutil.rmtree(target)
 
 
 def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):

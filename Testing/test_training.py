@@ -413,6 +413,11 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert message in refused.stderr
     assert exported.read_bytes() == written and not (tmp_path / "x.pt").exists()
+    tensors = checkpoint.with_suffix(".safetensors")
+    refused = subprocess.run(exporter + [str(checkpoint), "--output", str(tensors), "--overwrite"], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "holds the checkpoint's own tensors" in refused.stderr
+    assert checkpointing.read_checkpoint(checkpoint)  # still a checkpoint
     replaced = subprocess.run(exporter + [str(checkpoint), "--output", str(exported), "--overwrite", "--data-note", "again"],
                               capture_output=True, text=True, timeout=300)
     assert replaced.returncode == 0, replaced.stderr

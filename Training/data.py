@@ -21,11 +21,10 @@ from CycleINRLib import geometry
 from CycleINRLib.config import Normalization
 from CycleINRLib.degrade import degrade_at
 from CycleINRLib.errors import InputError
-from CycleINRLib.io import Volume, read_volume
+from CycleINRLib.io import VOLUME_SUFFIXES, Volume, read_volume, volume_files
 
 from .config import DataConfig
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 PATCH_TRIES = 10
 
 
@@ -59,7 +58,7 @@ def volume_paths(source: str | Path) -> list[Path]:
     """Files of a folder (known suffixes), one volume file, or the lines of a list file, relative to it."""
     source = Path(source)
     if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+        return volume_files(source)
     if source.is_file() and source.name.lower().endswith(VOLUME_SUFFIXES):
         return [source]
     if source.is_file():

@@ -58,9 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         output = check_output_path(args.output, args.overwrite, suffixes=(".safetensors",))
+        if output.exists() and output.resolve() == args.checkpoint.with_suffix(".safetensors").resolve():
+            raise ValueError(f"{output}: holds the checkpoint's own tensors; write the weights to another file")
         print(f"wrote {export(args.checkpoint, output, args.data_note)}")
     except (ValueError, OSError) as error:  # OSError: --output cannot be written
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: cancelled; nothing was written\n")
 
 
 if __name__ == "__main__":
