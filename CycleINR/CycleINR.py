@@ -317,10 +317,9 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showResults(job, outputNode)
 
     def _showResults(self, job: UpsampleJob, outputNode) -> None:
-        if slicer.app.layoutManager().layout == COMPARISON_LAYOUT_ID:  # keep its input views on the input
-            self.logic.showComparisonViews(job.inputNode, outputNode)
-        else:  # (this sets every slice view, the hidden comparison views too: Compare resets those)
-            slicer.util.setSliceViewerLayers(background=outputNode, fit=True)
+        # every slice view, the comparison views too (Compare resets them): the chart below
+        # switches to a layout with a plot view, the comparison layout has none
+        slicer.util.setSliceViewerLayers(background=outputNode, fit=True)
         warnings = "".join(f"\nWarning: {message}" for message in job.process.warnings)
         self._setStatus(f"Done: '{outputNode.GetName()}' on {job.process.result.get('device', '?')} "
                         f"in {job.process.result.get('seconds', 0):.1f} s.{warnings}")

@@ -55,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CANCEL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 def _terminate_as_interrupt(signum, frame):
-    for cancel in CANCEL_SIGNALS:  # a second request must not interrupt the clean-up of the first
+    for cancel in _cancel_signals():  # a second request must not interrupt the clean-up of the first
         signal.signal(cancel, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _cancel_signals() -> list:
+    """Ctrl-C, SIGTERM and SIGHUP where they exist, but not one the caller set to be ignored
+    (`nohup` ignores SIGHUP, a shell script's `cmd &` SIGINT): that run must go on."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    return [number for number in (getattr(signal, name) for name in names if hasattr(signal, name))
+            if signal.getsignal(number) is not signal.SIG_IGN]
 
 
 def _null_for_closed_streams() -> None:
@@ -74,7 +79,7 @@ def _null_for_closed_streams() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _null_for_closed_streams()
-    for cancel in CANCEL_SIGNALS:
+    for cancel in _cancel_signals():
         signal.signal(cancel, _terminate_as_interrupt)
     try:
         parser = build_parser()  # imports torch: seconds in which a cancel must not give a traceback

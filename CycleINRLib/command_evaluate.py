@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
             for warning in _unexpected_input_warnings(path, volume.array, methods):
                 reporter.warning(warning)
             volume_range = value_range or (float(volume.array.min()), float(volume.array.max()))
-            if value_range and not (volume.array.min() <= value_range[1] and volume.array.max() >= value_range[0]):
+            if value_range and not (volume.array.min() < value_range[1] and volume.array.max() > value_range[0]):
                 raise InputError(f"{path}: its values {volume.array.min():g} to {volume.array.max():g} lie outside "
                                  f"--range {value_range[0]:g}:{value_range[1]:g}, where every method would score perfectly")
             if not volume_range[1] > volume_range[0]:
@@ -170,7 +170,7 @@ def _truth_paths(arguments: list[str]) -> list[Path]:
     paths = []
     for argument in arguments:
         path = Path(argument)
-        if not path.exists():
+        if not check_name_encoding(path).exists():  # refused now, not after the volumes before it
             raise InputError(f"{path}: no such file or folder")
         if path.is_dir():
             files = volume_files(path)
@@ -205,7 +205,8 @@ def _check_output_dir(name: str, overwrite: bool) -> Path:
         raise InputError(f"{path}: parent folder {path.parent} does not exist")
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    # a run killed outright (power cut, SIGKILL) leaves its hidden staging folder: not a result
+    if path.is_dir() and any(not item.name.startswith(".partial-") for item in path.iterdir()) and not overwrite:
         raise InputError(f"{path}: folder is not empty; pass --overwrite to replace the files evaluate writes there")
     writable = path if path.is_dir() else path.parent
     if not os.access(writable, os.W_OK | os.X_OK):

@@ -25,13 +25,6 @@ from .errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")  # what a folder of volumes holds
-
-
-def volume_files(folder: Path) -> list[Path]:
-    """The volume files of a folder, sorted; hidden ones (a partial write's `.partial-*`, macOS's
-    `._*` resource files) are not volumes."""
-    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
-                  and path.name.lower().endswith(VOLUME_SUFFIXES))
 SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
 ORTHOGONALITY_TOLERANCE = 1e-4  # direction matrices off by more are sheared
 MAX_SLICE_TILT_DEGREES = 0.5  # DICOM slices stacked further off their normal are sheared (gantry tilt)
@@ -354,19 +347,35 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     temporary = path.with_name(partial_name(path.name))
     try:
         yield temporary
-        os.chmod(temporary, NEW_FILE_MODE & ~_umask())
+        _widen_to_new_file_mode(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-NEW_FILE_MODE = 0o666
-
-
-def _umask() -> int:
+def _read_umask() -> int:
+    """The process's umask, read once at import (setting it is the only way to read it, and
+    another thread creating a file meanwhile would get the wrong mode)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def _widen_to_new_file_mode(path: Path) -> None:
+    """Add the permission bits a new file gets and `path` lacks (never remove any)."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & NEW_FILE_MODE != NEW_FILE_MODE:
+        os.chmod(path, mode | NEW_FILE_MODE)
+
+
+def volume_files(folder: Path) -> list[Path]:
+    """The volume files of a folder, sorted; hidden ones (a partial write's `.partial-*`, macOS's
+    `._*` resource files) are not volumes."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
+                  and path.name.lower().endswith(VOLUME_SUFFIXES))
 
 
 def partial_name(name: str) -> str:

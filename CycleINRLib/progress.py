@@ -78,7 +78,7 @@ class Reporter:
                 self._bar.write(line, file=sys.stderr)
             else:
                 print(line, file=sys.stderr, flush=True)
-        except BrokenPipeError:  # the GUI that read stderr is gone too: nobody to tell
+        except OSError:  # the GUI that read stderr is gone too (or a full disk under `2>file`): nobody to tell
             _discard_further_output(sys.stderr)
 
     @staticmethod

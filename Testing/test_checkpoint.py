@@ -31,12 +31,13 @@ def test_settings_added_later_keep_older_files_loading_as_before():
 
 
 def test_bundled_weights_load_trained_with_their_provenance():
+    """A check of the shipped file: whatever model it holds, trained weights that beat linear
+    interpolation in their own validation, with where they come from."""
     model, info = load_model()
     assert info.path == DEFAULT_WEIGHTS and isinstance(model, CycleINR)
-    assert info.trained and info.config == NAMED_CONFIGS["light"]
-    assert model.decoder.output.weight.abs().sum() > 0  # an untrained light model is linear interpolation
+    assert info.trained and model.decoder.output.weight.abs().sum() > 0  # the light model starts at zero there
     provenance = info.provenance
-    assert len(provenance["training_data"]) == 4 and provenance["steps"] > 0
+    assert provenance["training_data"] and provenance["steps"] > 0
     gains = [provenance["validation"][f"{case}/gain_over_linear_db"] for case in ("2:2", "3:3", "5:5", "5:2.5")]
     assert all(gain > 0.5 for gain in gains)
     assert "provenance" in provenance["initialised_from"]  # the stages before, nested

@@ -484,7 +484,29 @@ def test_closed_or_full_standard_streams_do_not_fail_a_finished_run(ct_crop, tmp
     closed = subprocess.run(command + [str(tmp_path / "closed.nii.gz"), "--factor", "2"], cwd=REPO,
                             capture_output=True, timeout=300, preexec_fn=lambda: os.close(2))
     assert closed.returncode == 0
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["closed.nii.gz", "full.nii.gz", "piped.nii.gz"]
+    (tmp_path / "in").mkdir()
+    not_ct = _write(tmp_path / "in", "mr.nii.gz", np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16), (1.0, 1.0, 4.0))
+    with open("/dev/full", "w") as full:  # its "does not look like CT" warning goes nowhere
+        assert subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(not_ct),
+                               str(tmp_path / "warned.nii.gz"), "--factor", "2"], cwd=REPO, stderr=full,
+                              timeout=300).returncode == 0
+    assert sorted(path.name for path in tmp_path.glob("*.nii.gz")) == [
+        "closed.nii.gz", "full.nii.gz", "piped.nii.gz", "warned.nii.gz"]
+
+
+def test_a_run_under_nohup_outlives_its_terminal(ct_crop, tmp_path):
+    """`nohup` sets SIGHUP to be ignored: cancelling on it would end every detached run at logout."""
+    process = subprocess.Popen([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop),
+                                str(tmp_path / "detached.nii.gz"), "--factor", "6", "--json-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    for line in process.stdout:
+        if json.loads(line).get("stage") == "upsample":
+            break
+    process.send_signal(signal.SIGHUP)
+    remaining, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, errors
+    assert json.loads(remaining.strip().splitlines()[-1])["event"] == "done"
 
 
 def test_a_gui_that_goes_away_stops_the_run_without_leaving_files(ct_crop, tmp_path):

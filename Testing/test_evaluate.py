@@ -134,6 +134,7 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
     narrow = write_volume(Volume(noisy_truth(slices=11, size=16)[:, :, :4].copy(), (1.0, 1.0, 2.0), (0, 0, 0), identity),
                           tmp_path / "narrow.nii.gz")
     (tmp_path / "folder.png").mkdir()
+    highest = read_volume(volume).array.max()
     for arguments, reason in [
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "5:2"), "whole number"),
         (("evaluate", tmp_path / "missing.nii.gz", "-o", tmp_path / "out"), "no such file"),
@@ -147,6 +148,8 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "20:2"), "too few"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "5000:6000", "--methods", "linear"),
          "lie outside --range 5000:6000, where every method would score perfectly"),
+        (("evaluate", volume, "-o", tmp_path / "out", f"--range={highest:g}:{highest + 1000:g}", "--methods", "linear"),
+         "where every method would score perfectly"),  # only the brightest voxel on its edge: one value after clipping
         (("evaluate", volume, "-o", "", "--methods", "linear"), "-o/--output-dir needs a folder name"),
         (("evaluate", volume, "-o", _link_to_itself(tmp_path / "loop"), "--methods", "linear"), "is a link that leads nowhere"),
         (("evaluate", narrow, "-o", tmp_path / "out", "--methods", "linear"), "slices of 4x16 voxels are smaller than SSIM's 7x7"),
@@ -187,6 +190,15 @@ def test_evaluate_reads_a_folder_s_volumes_and_names_each_once(tmp_path, capsys)
                  "--cases", "2:2"]) == 0, capsys.readouterr().err
     with open(tmp_path / "out" / "results.csv") as table:
         assert [row["volume"] for row in csv.DictReader(table)] == ["a-3", "a", "a-2", "mean of 3"]
+
+
+def test_a_staging_folder_left_by_a_killed_run_does_not_block_the_next(tmp_path, capsys):
+    volume, out = tmp_path / "v.nii.gz", tmp_path / "out"
+    write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), volume)
+    (out / ".partial-0123abcd-results").mkdir(parents=True)  # SIGKILL or a power cut: no clean-up ran
+    assert main(["evaluate", str(volume), "-o", str(out), "--methods", "linear", "--cases", "2:2"]) == 0, \
+        capsys.readouterr().err
+    assert (out / "results.csv").is_file()
 
 
 def test_evaluate_writes_through_a_link_to_another_file_system(tmp_path, capsys):
