@@ -428,8 +428,8 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def optionsFromParameters(parameters: CycleINRParameterNode) -> UpsampleOptions:
         byFactor = parameters.amount is Amount.FACTOR
-        # "." is how scenes saved before 2026-11-27 stored an empty path
-        weights = parameters.weightsPath.strip() if parameters.weightsPath.strip() not in ("", ".") else None
+        weightsPath = parameters.weightsPath.strip()
+        weights = weightsPath if weightsPath not in ("", ".") else None  # ".": an empty path in scenes saved before 2026-11-27
         return UpsampleOptions(
             factor=parameters.factor if byFactor else None,
             spacing=None if byFactor else parameters.targetSpacing,

@@ -85,6 +85,13 @@ def read_volume(path: str | os.PathLike) -> Volume:
     return validate_volume(Volume.from_sitk(image), str(path))
 
 
+def volume_files(folder: Path) -> list[Path]:
+    """The volume files of a folder, sorted; hidden ones (a partial write's `.partial-*`, macOS's
+    `._*` resource files) are not volumes."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
+                  and path.name.lower().endswith(VOLUME_SUFFIXES))
+
+
 def _read_file(path: Path) -> sitk.Image:
     with _native_stderr_captured() as native_messages:
         try:
@@ -369,13 +376,6 @@ def _widen_to_new_file_mode(path: Path) -> None:
     mode = os.stat(path).st_mode & 0o777
     if mode & NEW_FILE_MODE != NEW_FILE_MODE:
         os.chmod(path, mode | NEW_FILE_MODE)
-
-
-def volume_files(folder: Path) -> list[Path]:
-    """The volume files of a folder, sorted; hidden ones (a partial write's `.partial-*`, macOS's
-    `._*` resource files) are not volumes."""
-    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
-                  and path.name.lower().endswith(VOLUME_SUFFIXES))
 
 
 def partial_name(name: str) -> str:
