@@ -91,6 +91,8 @@ def read_description(path: Path) -> dict:
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[CycleINR, WeightsInfo]:
     """Build the model its file describes and load the weights; default: the bundled ones."""
+    if path is not None and not os.fspath(path).strip():  # Path("") would be the working folder
+        raise WeightsError("the weights path is empty: give a .safetensors file, or no path for the bundled CT weights")
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     description = read_description(path)
     try:

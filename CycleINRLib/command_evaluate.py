@@ -146,6 +146,7 @@ def _draw(result, name: str, folder: Path) -> None:
 
 
 MAX_RANGE_WIDTH = 1e12
+MIN_RELATIVE_RANGE_WIDTH = 1e-6  # metrics clip and compare in float32 (epsilon 1.2e-7); SSIM squares the width
 
 
 def _parse_range(text: str) -> tuple[float, float] | None:
@@ -162,6 +163,10 @@ def _parse_range(text: str) -> tuple[float, float] | None:
         raise InputError(f"--range {text}: HIGH must be greater than LOW")
     if not high - low <= MAX_RANGE_WIDTH:  # also inf and nan; SSIM squares the width
         raise InputError(f"--range {text}: LOW and HIGH must be finite and at most {MAX_RANGE_WIDTH:g} apart")
+    narrowest = MIN_RELATIVE_RANGE_WIDTH * max(1.0, abs(low), abs(high))
+    if high - low < narrowest:
+        raise InputError(f"--range {text}: too narrow for the metrics' single precision; give a range at least "
+                         f"{narrowest:g} wide")
     return low, high
 
 

@@ -318,6 +318,7 @@ def _cut_short(path: Path) -> Path:
         ("output_name_not_utf8", "the name is not valid UTF-8"),
         ("output_folder_loops", "cannot be followed"),
         ("weights_folder", "is a folder; give a .safetensors file"),
+        ("weights_empty", "the weights path is empty: give a .safetensors file, or no path for the bundled CT weights"),
         ("weights_nan", "weights hold NaN or infinite values"),
         ("factor_one", "greater than 1"),
         ("factor_absurd", "maximum"),
@@ -362,6 +363,7 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
         "output_name_not_utf8": lambda: [good, tmp_path / os.fsdecode(b"caf\xe9.nii.gz"), "--factor", 2],
         "output_folder_loops": lambda: [good, _link_to_itself(tmp_path / "loop") / "out.nii.gz", "--factor", 2],
         "weights_folder": lambda: [good, output, "--factor", 2, "--weights", tmp_path],
+        "weights_empty": lambda: [good, output, "--factor", 2, "--weights", ""],  # was ".: is a folder"
         "weights_nan": lambda: [good, output, "--factor", 2, "--weights", _nan_weights(tmp_path / "nan.safetensors")],
         "factor_one": lambda: [good, output, "--factor", 1],
         "factor_absurd": lambda: [good, output, "--factor", 25],
@@ -457,13 +459,15 @@ def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop,
     assert sorted(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGHUP], [signal.SIGTERM, signal.SIGTERM]],
-                         ids=["SIGTERM", "SIGHUP (a closed terminal)", "SIGTERM twice (an impatient GUI)"])
-def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path, signals):
+@pytest.mark.parametrize("signal_number, repeated", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGTERM, True)],
+                         ids=["SIGTERM", "SIGHUP (a closed terminal)", "SIGTERM until it ends (an impatient GUI)"])
+def test_sigterm_cancels_without_leaving_files(ct_crop, tmp_path, signal_number, repeated):
     process = _upsampling_process(ct_crop, tmp_path / "cancelled.nii.gz")
-    for number in signals:
-        process.send_signal(number)
-        time.sleep(0.01)
+    process.send_signal(signal_number)
+    deadline = time.monotonic() + 10
+    while repeated and process.poll() is None and time.monotonic() < deadline:  # some land during the clean-up
+        process.send_signal(signal_number)
+        time.sleep(0.001)
     remaining, errors = process.communicate(timeout=120)
     assert process.returncode == 130, errors
     assert json.loads(remaining.strip().splitlines()[-1])["event"] == "error"

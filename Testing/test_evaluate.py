@@ -143,6 +143,8 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
          "argument --range: expected one argument (a value that starts with '-' is written --range=VALUE)"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:inf"), "finite and at most 1e+12 apart"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:1e308"), "finite and at most 1e+12 apart"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range=1e-300:2e-300"), "give a range at least 1e-06 wide"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "1000:1000.0001"), "give a range at least 0.001 wide"),
         (("evaluate", constant, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),
          "every voxel is 0; --range truth needs a truth with more than one value"),
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "20:2"), "too few"),
