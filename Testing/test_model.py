@@ -103,6 +103,22 @@ def test_inference_in_blocks_gives_the_training_path_values(config, block_pixels
         assert torch.allclose(model(low, positions), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_intensities_leave_the_decoder_in_float32_under_bfloat16_autocast(grad):
+    """bfloat16 would round the paper model's intensities (a 4095 HU window) to steps of 8-16 HU
+    before the L1 loss sees them; the output layer runs in float32 (CPU autocast rounds as CUDA's)."""
+    from CycleINRLib.config import NAMED_CONFIGS
+    from CycleINRLib.models import CycleINR
+
+    torch.manual_seed(0)
+    model = CycleINR(NAMED_CONFIGS["paper"])
+    torch.nn.init.normal_(model.decoder.output.weight, std=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        output = model(torch.rand(1, 1, 5, 16, 16), torch.arange(0.0, 4.01, 0.5))
+    assert output.dtype == torch.float32
+    assert (output != output.bfloat16().float()).float().mean() > 0.9  # not bfloat16 values widened
+
+
 @NEEDS_CUDA
 def test_bfloat16_autocast_on_cuda_keeps_the_float32_values():
     """Training's mixed precision on GPUs: the paper model in bfloat16 stays near float32, gradients finite."""

@@ -74,7 +74,8 @@ def slice_noise_levels(volume: torch.Tensor) -> torch.Tensor:
     below the median gets a gradient, not just the median one.
     """
     planes = volume.float().flatten(0, 2).unsqueeze(1)  # (B * S, 1, H, W)
-    detail = F.conv2d(planes, DIAGONAL_DETAIL_KERNEL.to(planes), stride=2).abs().flatten(1)
+    with torch.autocast(planes.device.type, enabled=False):  # autocast would run it in bfloat16 after all
+        detail = F.conv2d(planes, DIAGONAL_DETAIL_KERNEL.to(planes), stride=2).abs().flatten(1)
     smaller_half = detail.sort(dim=1).values[:, : max(1, detail.shape[1] // 2)]
     return (smaller_half.mean(dim=1) / GAUSSIAN_LOWER_HALF_MEAN_ABS).view(volume.shape[0], volume.shape[2])
 

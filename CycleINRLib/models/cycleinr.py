@@ -84,7 +84,7 @@ class CycleINR(nn.Module):
     def _decode_blocks(self, grid: LatentGrid, where: SlicePositions, block_pixels: int | None) -> torch.Tensor:
         """Inference: (B, 1, S, H, W), each block of codes decoded as soon as it is sampled."""
         batch, _, height, width, _ = grid.latent.shape
-        intensity = grid.latent.new_empty((len(where.nearest), batch * height * width))
+        intensity = grid.latent.new_empty((len(where.nearest), batch * height * width), dtype=torch.float32)
         for uses, pixels, codes in self.sampler.sample_blocks(grid, where, block_pixels):
             intensity[uses, pixels] = self._intensities(codes, where.offset[uses].view(1, -1)).transpose(0, 1)
         return intensity.view(-1, batch, height, width).transpose(0, 1).unsqueeze(1)

@@ -29,4 +29,7 @@ class Decoder(nn.Module):
             if index == self.skip_layer:
                 features = torch.cat([features, inputs], dim=-1)
             features = self.activation(layer(features))
-        return self.output(features).squeeze(-1)
+        # In float32 under autocast: bfloat16 would round intensities over the paper window's
+        # 4095 HU to steps of 8-16 HU, below which an L1 gradient has no reliable direction.
+        with torch.autocast(features.device.type, enabled=False):
+            return self.output(features.float()).squeeze(-1)
