@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -258,6 +259,21 @@ def test_resume_reproduces_the_uninterrupted_run(crops, tmp_path, accumulate, va
     assert info.provenance["patches_seen"] == 6 * accumulate * straight_config.data.batch_size
 
 
+def test_a_resumed_run_logs_each_step_once(crops, tmp_path):
+    """Steps logged after the last checkpoint by the interrupted run are replaced, not doubled."""
+    config = small_config(crops, tmp_path / "run", steps=5)  # checkpoints at steps 3 and 5
+    train(config)
+    for path in (tmp_path / "run").glob("step-0000005.*"):  # as if stopped after step 5's log line
+        path.unlink()
+    config.optim.steps = 6
+    _, resumed = train(config)
+    accumulator = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    accumulator.Reload()
+    logged = accumulator.Scalars("train/loss")
+    assert [event.step for event in logged] == [1, 2, 3, 4, 5, 6]
+    assert [event.value for event in logged[3:]] == pytest.approx([record["loss"] for record in resumed])
+
+
 def test_resume_with_other_settings_is_refused_in_one_line(crops, tmp_path):
     """A changed batch stream, schedule or process count would not continue the run: the script
     says so in one line and leaves the checkpoints alone; length, device and folder may change."""
@@ -437,10 +453,13 @@ def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_pat
     model, _ = train(tuned)
     start_model, _ = load_model(start)
     assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in start_model.state_dict().items())
+    start.rename(tmp_path / "moved.safetensors")  # exporting later, elsewhere: the start need not be there
     _, info = load_model(export(tmp_path / "tuned" / "step-0000001.json", tmp_path / "tuned.safetensors"))
     parent = info.provenance["initialised_from"]["provenance"]
+    assert info.provenance["train_config"]["run"]["init_weights"] == str(start)
     assert info.provenance["steps"] == 1 and parent["steps"] == 3
     assert parent["data_note"] == "two head crops" and "data_note" not in info.provenance
+    (tmp_path / "moved.safetensors").rename(start)
     other = small_config(crops, tmp_path / "other")
     other.model_overrides, other.run.init_weights = {"attention": False}, str(start)
     with pytest.raises(ValueError, match="holds a different model"):
@@ -683,6 +702,19 @@ def test_a_volume_with_thick_slices_trains_on_its_thin_in_plane_axes(crops, tmp_
     [volume] = data.load_volumes(tmp_path / "thick.nii.gz", small_config(crops, tmp_path).data,
                                  NAMED_CONFIGS["light"].normalization)
     assert (volume.slice_axis, volume.truth_axes) == (0, (1, 2))
+
+
+def test_pruning_keeps_the_checkpoint_just_written_beside_a_newer_leftover(tmp_path):
+    """A resume that skipped an unreadable newer checkpoint: that leftover must not count
+    among the kept ones, or keeping one would delete the checkpoint just written."""
+    model = CycleINR(NAMED_CONFIGS["light"])
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10, 0.5)
+    (tmp_path / "step-0000030.json").write_text("{")  # damaged, from before the resume
+    for step in (10, 20):
+        checkpointing.save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, {}, keep=1)
+    assert [path.name for path in checkpointing.list_checkpoints(tmp_path)] == ["step-0000020.json", "step-0000030.json"]
+    assert (tmp_path / "step-0000020.safetensors").is_file() and not (tmp_path / "step-0000010.safetensors").exists()
 
 
 def test_a_restored_checkpoint_brings_back_torch_s_random_state(tmp_path):

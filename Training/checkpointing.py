@@ -57,7 +57,10 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, con
     }
     with atomic_output(stem.with_suffix(".json")) as temporary:
         temporary.write_text(json.dumps(description, indent=1))
-    for old in list_checkpoints(directory)[:-keep]:
+    # Only those this run has passed: a newer one is left from an attempt whose resume skipped it
+    # as unreadable, and counting it could prune the checkpoint just written.
+    passed = [old for old in list_checkpoints(directory) if checkpoint_step(old) <= step]
+    for old in passed[:-keep]:
         old.with_suffix(".safetensors").unlink(missing_ok=True)
         old.unlink()
     return stem.with_suffix(".json")
@@ -67,8 +70,12 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints (their JSON files), oldest first."""
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := PATTERN.search(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in directory.iterdir() if PATTERN.search(p.name)), key=checkpoint_step)
+
+
+def checkpoint_step(json_path: Path) -> int:
+    """The step a checkpoint's file name says."""
+    return int(PATTERN.search(json_path.name).group(1))
 
 
 def read_description(json_path: Path) -> dict:

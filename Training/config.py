@@ -195,6 +195,15 @@ class TrainConfig:
                                      for key, value in part.items()})
         return cls(**built)
 
+    @classmethod
+    def of_checkpoint(cls, saved: dict) -> "TrainConfig":
+        """The config a checkpoint recorded, its run.init_weights kept as written but not read
+        again: the run started from it, and the file may since have moved or gone."""
+        run = saved.get("run") or {}
+        config = cls.from_dict({**saved, "run": {**run, "init_weights": None}} if isinstance(run, dict) else saved)
+        config.run.init_weights = run.get("init_weights")
+        return config
+
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """YAML file plus `section.key=value` overrides (values parsed as YAML)."""

@@ -28,7 +28,7 @@ def model_from_checkpoint(checkpoint: Path) -> tuple[CycleINR, TrainConfig, dict
     ValueError, naming the file, when it is not a readable checkpoint."""
     description, tensors = read_checkpoint(checkpoint)  # CheckpointError (a ValueError) names the file
     try:
-        config = TrainConfig.from_dict(description["config"])
+        config = TrainConfig.of_checkpoint(description["config"])
         model = CycleINR(config.model_config())
         model.load_state_dict(model_tensors(tensors))
     except (ValueError, KeyError, TypeError, RuntimeError) as error:

@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -35,6 +36,10 @@ from CycleINRLib.models import CycleINR
 from Training import checkpointing, data, losses
 from Training.config import OptimConfig, TrainConfig, load_config_or_exit
 from Training.validation import ValidationSet
+
+# Rank 0 validates (whole volumes with ct.yaml) while the others wait at the next collective;
+# NCCL's default of 10 minutes would end the job during a long validation.
+RANKS_WAIT_FOR_VALIDATION = timedelta(hours=2)
 
 
 class ResumeError(ValueError):
@@ -58,7 +63,7 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=RANKS_WAIT_FOR_VALIDATION)
     master = rank == 0
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -116,7 +121,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
                                 device.type == "cuda")
 
     # ---------------------------------------------------------------- loop
-    writer = SummaryWriter(str(out_dir / "tensorboard")) if master and step < config.optim.steps else None
+    # purge_step: a resumed run drops what the interrupted one logged after this checkpoint, not doubling it
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step + 1) if master and step < config.optim.steps else None
     history: list[dict] = []
     started = time.time()
     bar = tqdm(total=config.optim.steps, initial=step, disable=not master, dynamic_ncols=True)
