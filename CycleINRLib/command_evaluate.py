@@ -104,6 +104,9 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
             if not volume_range[1] > volume_range[0]:
                 raise InputError(f"{path}: every voxel is {volume_range[0]:g}; --range truth needs a truth with "
                                  "more than one value (give --range LOW:HIGH)")
+            if not _resolvable(*volume_range):
+                raise InputError(f"{path}: its values span only {volume_range[0]:g} to {volume_range[1]:g}, too narrow "
+                                 "for the metrics' single precision; rescale the volume")
             ranges.append(volume_range)
             for degradation in args.degradation:
                 for result in evaluate_volume(volume.array, 2 - axis, volume.spacing[::-1], cases, methods,
@@ -146,7 +149,7 @@ def _draw(result, name: str, folder: Path) -> None:
 
 
 MAX_RANGE_WIDTH = 1e12
-MIN_RELATIVE_RANGE_WIDTH = 1e-6  # metrics clip and compare in float32 (epsilon 1.2e-7); SSIM squares the width
+MIN_RELATIVE_RANGE_WIDTH, MIN_RANGE_WIDTH = 1e-6, 1e-9
 
 
 def _parse_range(text: str) -> tuple[float, float] | None:
@@ -163,11 +166,15 @@ def _parse_range(text: str) -> tuple[float, float] | None:
         raise InputError(f"--range {text}: HIGH must be greater than LOW")
     if not high - low <= MAX_RANGE_WIDTH:  # also inf and nan; SSIM squares the width
         raise InputError(f"--range {text}: LOW and HIGH must be finite and at most {MAX_RANGE_WIDTH:g} apart")
-    narrowest = MIN_RELATIVE_RANGE_WIDTH * max(1.0, abs(low), abs(high))
-    if high - low < narrowest:
-        raise InputError(f"--range {text}: too narrow for the metrics' single precision; give a range at least "
-                         f"{narrowest:g} wide")
+    if not _resolvable(low, high):
+        raise InputError(f"--range {text}: too narrow for the metrics' single precision; rescale the volumes")
     return low, high
+
+
+def _resolvable(low: float, high: float) -> bool:
+    """Whether metrics in float32 (epsilon 1.2e-7) tell values across [low, high] apart; SSIM
+    multiplies four range-sized terms, which drift below about 1e-9."""
+    return high - low >= max(MIN_RANGE_WIDTH, MIN_RELATIVE_RANGE_WIDTH * max(abs(low), abs(high)))
 
 
 def _truth_paths(arguments: list[str]) -> list[Path]:

@@ -206,7 +206,7 @@ def upsample_array(
     `match_noise` adds synthetic noise to the generated slices up to the acquired slices'
     noise level (noise_matching.py; off by default). `flip_ensemble` averages the prediction
     with that of a second pass over the slice-reversed volume (twice the time; see
-    README). `bf16` runs the network under bfloat16 autocast: 1.9 times faster on a CPU with
+    README). `bf16` runs the network under bfloat16 autocast: 1.7 to 1.9 times faster on a CPU with
     AMX, PSNR within 0.01 dB of float32 (README, "Speed and memory"). Raises InputError when the
     budget cannot hold the arrays, UpsampleCancelled when `should_cancel()` turns true
     (checked before every tile and decode chunk).

@@ -133,6 +133,8 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
     write_volume(Volume(np.zeros((11, 16, 16), np.int16), (1.0, 1.0, 2.0), (0, 0, 0), identity), constant)
     narrow = write_volume(Volume(noisy_truth(slices=11, size=16)[:, :, :4].copy(), (1.0, 1.0, 2.0), (0, 0, 0), identity),
                           tmp_path / "narrow.nii.gz")
+    faint = write_volume(Volume(1000 + noisy_truth(slices=11, size=16).astype(np.float32) * 1e-7, (1.0, 1.0, 2.0), (0, 0, 0),
+                                identity), tmp_path / "faint.mha")  # float32 keeps 1000 and 1000.00006
     (tmp_path / "folder.png").mkdir()
     highest = read_volume(volume).array.max()
     for arguments, reason in [
@@ -143,8 +145,10 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
          "argument --range: expected one argument (a value that starts with '-' is written --range=VALUE)"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:inf"), "finite and at most 1e+12 apart"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:1e308"), "finite and at most 1e+12 apart"),
-        (("evaluate", volume, "-o", tmp_path / "out", "--range=1e-300:2e-300"), "give a range at least 1e-06 wide"),
-        (("evaluate", volume, "-o", tmp_path / "out", "--range", "1000:1000.0001"), "give a range at least 0.001 wide"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range=1e-300:2e-300"), "too narrow for the metrics' single precision"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "1000:1000.0001"), "; rescale the volumes"),
+        (("evaluate", faint, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),
+         "its values span only 1000 to 1000, too narrow for the metrics' single precision; rescale the volume"),
         (("evaluate", constant, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),
          "every voxel is 0; --range truth needs a truth with more than one value"),
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "20:2"), "too few"),
@@ -161,7 +165,8 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         assert main([str(a) for a in arguments]) == 2, arguments
         stderr = capsys.readouterr().err
         assert reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "folder.png", "loop", "narrow.nii.gz", "v.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "faint.mha", "folder.png", "loop", "narrow.nii.gz",
+                                                          "v.nii.gz"]
 
 
 def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(tmp_path, capsys):
@@ -176,6 +181,21 @@ def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(t
     assert (out / "results.csv").read_text() == "an earlier result\n" and sorted(p.name for p in out.iterdir()) == [
         "results.csv", "results.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.nii.gz"]  # no staging folder left
+
+
+def test_evaluate_scores_a_map_of_tiny_values_as_the_same_map_in_large_ones(tmp_path, capsys):
+    """A diffusion ADC map in m^2/s spans 0 to 3e-9: its own range is fine for float32 metrics."""
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    scores = {}
+    for scale in (1.0, 1e-12):
+        truth = write_volume(Volume(noisy_truth(slices=11, size=16).astype(np.float32) * scale, (1.0, 1.0, 2.0), (0, 0, 0),
+                                    identity), tmp_path / f"map_{scale:g}.mha")
+        output = tmp_path / f"out_{scale:g}"
+        assert main(["evaluate", str(truth), "-o", str(output), "--range", "truth", "--methods", "linear", "cubic",
+                     "--cases", "2:2"]) == 0, capsys.readouterr().err
+        with open(output / "results.csv") as table:
+            scores[scale] = [(float(row["psnr_generated"]), float(row["ssim_generated"])) for row in csv.DictReader(table)]
+    assert np.allclose(scores[1e-12], scores[1.0], rtol=1e-4)
 
 
 def test_evaluate_reads_a_folder_s_volumes_and_names_each_once(tmp_path, capsys):

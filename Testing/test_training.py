@@ -141,6 +141,10 @@ def test_noise_level_is_the_snli_estimator_with_a_trimmed_mean():
         assert level == pytest.approx(magnitudes[:magnitudes.size // 2].mean() / losses.GAUSSIAN_LOWER_HALF_MEAN_ABS, rel=1e-5)
     ramp = torch.arange(64.0).view(1, 1, 1, 1, 64) * 0.3 + torch.arange(64.0).view(1, 1, 1, 64, 1)
     assert losses.slice_noise_levels(ramp).abs().max() < 1e-4  # db2's two vanishing moments: no noise in a plane
+    single = torch.from_numpy(planes).float().view(1, 1, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training under AMP: still the float32 estimate
+        under_amp = losses.slice_noise_levels(single)
+    assert under_amp.dtype == torch.float32 and torch.equal(under_amp, losses.slice_noise_levels(single))
 
 
 def test_noise_level_loss_charges_smooth_slices_and_is_differentiable():

@@ -32,4 +32,4 @@ class Decoder(nn.Module):
         # In float32 under autocast: bfloat16 would round intensities over the paper window's
         # 4095 HU to steps of 8-16 HU, below which an L1 gradient has no reliable direction.
         with torch.autocast(features.device.type, enabled=False):
-            return self.output(features.float()).squeeze(-1)
+            return self.output(features.to(self.output.weight.dtype)).squeeze(-1)
