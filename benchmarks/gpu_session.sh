@@ -12,8 +12,9 @@
 # stays on the machine and sizes train. FIT_ONE_BATCH=1 adds whether the paper config leaves
 # the linear start (fit_one_batch.py, 100 steps in float32; under 30 s on an H200).
 # train: a stage of ct_cpu.yaml on the GPU from the shipped weights (or from INIT_WEIGHTS, a
-# file that travels: name it in carry), batch BATCH, Adam 1e-4 halved every quarter, as many
-# steps as fit in S seconds (default 300; stopped a minute after that whatever happens); its
+# file that travels: name it in carry), batch BATCH, Adam LR (1e-4) halved every quarter, as many
+# steps as fit in S seconds (default 300, at most 500, 440 with MEASURE=1, so that the call ends
+# within its 600 s; stopped 30 s after S whatever happens; a retry starts over); its
 # weights and log come back under $OUT, then `cycleinr upsample` is timed on the GPU, with and
 # without --flip-ensemble. A session has 15 minutes of device time, the machine's start
 # included: check (about 2 min) then train with S = 420 used 9 of them; with MEASURE=0,
@@ -31,6 +32,7 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the p
 PYTHON=${PYTHON:-python3}  # the GPU image's, which holds PyTorch
 BATCH=${BATCH:-128}
 SEED=${SEED:-11}  # train's batches: a stage that follows another GPU stage draws other ones
+LR=${LR:-1.0e-4}  # train's first learning rate, halved every quarter of its steps
 MEASURE=${MEASURE:-1}  # 0: skip what README already holds (the step at other batches and of ct.yaml,
                        # train's upsampling timing), so that the minutes go to the tests and training
 mkdir -p "$OUT"
@@ -98,15 +100,23 @@ check() {
 train() {
     use_site
     # Steps from check's s/step; the loader, validation and checkpoints add about a quarter.
-    local seconds=${TRAIN_SECONDS:-300} step_seconds steps
+    local seconds=${TRAIN_SECONDS:-300} step_seconds steps longest
+    # A command ends at 600 s and then returns nothing: training (stopped 30 s past S at worst),
+    # start-up, export and the timing must end before that.
+    longest=$(( MEASURE == 1 ? 440 : 500 ))
+    if [ "$seconds" -gt "$longest" ]; then
+        echo "TRAIN_SECONDS=$seconds would run past the 600 s a command has: training $longest s" | tee "$OUT/train.log"
+        seconds=$longest
+    fi
+    rm -rf runs/gpu_stage  # a retry on the warm machine starts over, not from the try it replaces
     step_seconds=$(cat .site/step_seconds 2>/dev/null || true)
     step_seconds=${step_seconds:-0.1}  # check did not measure it: a guess on the slow side
     steps=$("$PYTHON" -c "print(max(8, int($seconds / ($step_seconds * 1.25)) // 8 * 8))")
-    echo "training $steps steps at batch $BATCH ($step_seconds s/step in check)" | tee "$OUT/train.log"
-    timeout --signal=INT $((seconds + 60)) "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml \
+    echo "training $steps steps at batch $BATCH ($step_seconds s/step in check)" | tee -a "$OUT/train.log"
+    timeout --signal=INT $((seconds + 30)) "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml \
         run.device=$DEVICE run.threads=0 run.out_dir=runs/gpu_stage data.train=.gpu_data/train data.val=.gpu_data/val \
         run.val_crop=null data.batch_size="$BATCH" data.workers=12 run.init_weights="${INIT_WEIGHTS:-CycleINRLib/weights/cycleinr_ct.safetensors}" \
-        optim.seed="$SEED" optim.steps="$steps" optim.lr=1.0e-4 optim.lr_halve_every=$((steps / 4)) run.val_every=$steps \
+        optim.seed="$SEED" optim.steps="$steps" optim.lr="$LR" optim.lr_halve_every=$((steps / 4)) run.val_every=$steps \
         run.checkpoint_every=$((steps / 8)) run.keep_checkpoints=2 run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 >> "$OUT/train.log" \
         || echo "training stopped early (time limit or error): exporting its last checkpoint" | tee -a "$OUT/train.log"
     local last
@@ -114,7 +124,7 @@ train() {
     cp "$last" "$OUT/gpu_stage_last_step.json"
     local gpu note
     gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')")
-    note="run by benchmarks/gpu_session.sh train (SEED=$SEED MEASURE=$MEASURE TRAIN_SECONDS=$seconds) on a lent $gpu:"
+    note="run by benchmarks/gpu_session.sh train (SEED=$SEED LR=$LR MEASURE=$MEASURE TRAIN_SECONDS=$seconds) on a lent $gpu:"
     note+=" the three chest CTs of $SHARED/train as their central 256 x 256 in-plane crops, every slice, the head CT whole;"
     note+=" .gpu_data/val is the centred 64 x 192 x 192 crop of $SHARED/val/lidc-0002_chest_1.25mm.nii.gz"
     "$PYTHON" Training/export_weights.py "$last" --output "$OUT/gpu_stage.safetensors" --data-note "$note"
