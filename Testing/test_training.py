@@ -517,6 +517,13 @@ def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path, rank1_data
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if rank == 1 and rank1_data:  # node-local data that differs from rank 0's
         config.data.train = rank1_data
+    start_group = torch.distributed.init_process_group
+
+    def recording_timeout(*args, **kwargs):  # how long the other ranks may wait for rank 0's validation
+        (out / f"rank{rank}_timeout.txt").write_text(str(kwargs.get("timeout")))
+        return start_group(*args, **kwargs)
+
+    torch.distributed.init_process_group = recording_timeout
     model, _ = train(config)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 
@@ -534,6 +541,7 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path, accumulat
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert not torch.equal(rank0["decoder.output.weight"], initial["decoder.output.weight"])  # it did train
     assert checkpointing.list_checkpoints(tmp_path / "ddp")[-1].name == "step-0000004.json"
+    assert [(tmp_path / f"rank{r}_timeout.txt").read_text() for r in (0, 1)] == ["2:00:00"] * 2  # NCCL's default: 10 min
 
 
 def test_ddp_processes_that_read_other_volumes_are_stopped(crops, tmp_path):
