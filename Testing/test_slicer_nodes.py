@@ -266,25 +266,57 @@ def test_requests_that_would_fail_later_are_refused_before_anything_is_written(o
     checkRequest(oblique_mr, UpsampleOptions(factor=np.float32(2.5), device="gpu", axis=np.int64(2)))  # numpy numbers are numbers
 
 
-def test_an_input_gone_during_the_run_or_an_unreadable_result_adds_nothing(oblique_mr, scene, temp_folders):
-    for damage in ("remove the input", "garble the result"):
-        inputNode = volume_node(scene, sitk.GetImageFromArray(arrayFromVolumeNode(oblique_mr).copy()), damage)
-        run = job(inputNode, temp_folders, factor=2.0)
+@pytest.mark.parametrize("damage", ["remove the input", "move the input", "garble the result",
+                                    "garble the result for a chosen output", "interrupt the read-back of a chosen output"])
+def test_an_input_gone_or_moved_or_a_result_not_read_back_changes_nothing(oblique_mr, scene, temp_folders, damage,
+                                                                           monkeypatch):
+    """The scene changes only once a whole result has been read back: a chosen output node (last
+    run's result, say) keeps its voxels, geometry and storage node, and Slicer's reader, which
+    empties the node it reads into, never reads into it."""
+    inputNode = volume_node(scene, sitk.GetImageFromArray(arrayFromVolumeNode(oblique_mr).copy()), "in")
+    chosen = volume_node(scene, sitk.GetImageFromArray(np.arange(60, dtype=np.int16).reshape(3, 4, 5)), "last result")
+    chosen.AddDefaultStorageNode()
+    kept = (arrayFromVolumeNode(chosen).copy(), ijkToRas(chosen), chosen.GetStorageNodeID(), chosen.GetImageData())
+    run = job(inputNode, temp_folders, factor=2.0)
+    if "chosen output" in damage:
+        run.outputNode = chosen
+    run.start()
+    while not run.finished:
+        run.poll()
+        time.sleep(0.05)
+    nodes = scene.GetNumberOfNodes()
+    if damage == "remove the input":
+        scene.RemoveNode(inputNode)
+        nodes -= 1
+        failure, message = UpsampleCancelled, "left the scene during the run; nothing was added"
+    elif damage == "move the input":  # Harden transform or Center volume while it ran: the result would lie elsewhere
+        moved = vtk.vtkMatrix4x4()
+        inputNode.GetIJKToRASMatrix(moved)
+        moved.SetElement(0, 3, moved.GetElement(0, 3) + 50.0)
+        inputNode.SetIJKToRASMatrix(moved)
+        failure, message = UpsampleCancelled, re.escape("'in' was moved during the run (its geometry or transform changed)")
+    elif damage.startswith("garble"):
+        (run.folder / "output.nrrd").write_bytes(b"not a volume any more")  # a full disk, a cleaner
+        failure, message = UpsampleFailed, "could not read the upsampled volume from .*; nothing was changed"
+    else:
+        def interrupted(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr("CycleINRSlicerLib.job.copyDisplay", interrupted)  # Ctrl-C as it is handed over
+        failure, message = UpsampleCancelled, "cancelled; nothing was written"
+    with pytest.raises(failure, match=message):
+        run.finish()
+    assert scene.GetNumberOfNodes() == nodes
+    assert np.array_equal(arrayFromVolumeNode(chosen), kept[0]) and np.array_equal(ijkToRas(chosen), kept[1])
+    assert chosen.GetStorageNodeID() == kept[2] and chosen.GetImageData() is kept[3]
+    assert chosen.GetAttribute("CycleINR.sliceAxis") is None
+
+
+def test_a_temporary_folder_that_cannot_be_made_is_one_clear_failure(oblique_mr, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # TMPDIR on a removed or unmounted disk
+    run = UpsampleJob(oblique_mr, UpsampleOptions(device="cpu", factor=2.0), python=sys.executable, libraryParent=REPOSITORY)
+    with pytest.raises(UpsampleFailed, match=f"cannot make a temporary folder in {tmp_path / 'gone'}: No such file or "
+                                             "directory; nothing was started"):
         run.start()
-        while not run.finished:
-            run.poll()
-            time.sleep(0.05)
-        nodes = scene.GetNumberOfNodes()
-        if damage == "remove the input":
-            scene.RemoveNode(inputNode)
-            nodes -= 1
-            with pytest.raises(UpsampleCancelled, match="left the scene during the run; nothing was added"):
-                run.finish()
-        else:
-            (run.folder / "output.nrrd").write_bytes(b"not a volume any more")  # a full disk, a cleaner
-            with pytest.raises(OSError, match="could not read the upsampled volume"):
-                run.finish()
-        assert scene.GetNumberOfNodes() == nodes
 
 
 @pytest.mark.parametrize("removed", ["input", "output"])

@@ -20,8 +20,9 @@ from CycleINRLib import geometry
 from CycleINRLib.config import DEVICES as LIBRARY_DEVICES
 from CycleINRLib.errors import InputError
 from CycleINRLib.io import Volume, validate_volume
-from .node_io import alignAxes, arrayFromVolumeNode, copyDisplay, readVolumeNode, writeVolumeNode
-from .process import ProgressCallback, UpsampleCancelled, UpsampleOptions, UpsampleProcess, upsampleCommand
+from .node_io import (alignAxes, arrayFromVolumeNode, copyDisplay, ijkToRas, readVolumeFile, replaceVolume, restoreVolume,
+                      writeVolumeNode)
+from .process import ProgressCallback, UpsampleCancelled, UpsampleFailed, UpsampleOptions, UpsampleProcess, upsampleCommand
 
 AXIS_NAMES = ("I", "J", "K")
 DEVICES = (*LIBRARY_DEVICES, "gpu")  # gpu: the logic resolves it to cuda or mps
@@ -119,11 +120,17 @@ class UpsampleJob:
         self.libraryParent = libraryParent
         self.process = None
         self.folder = None
-        self.goneMessage = None  # why the run was cancelled when its input or output node left the scene
+        self.inputPlacement = None  # the input's geometry and parent transform as written for the process
+        self.abandonMessage = None  # why the run was cancelled when its nodes left the scene or the input moved
 
     def start(self) -> None:
         removeOrphanedFolders()
-        self.folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX.format(pid=os.getpid())))
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX.format(pid=os.getpid())))
+        except OSError as error:
+            raise UpsampleFailed(f"cannot make a temporary folder in {tempfile.gettempdir()}: "
+                                 f"{error.strerror or error}; nothing was started") from None
+        self.inputPlacement = _placement(self.inputNode)
         try:
             inputPath = self.folder / "input.nrrd"
             writeVolumeNode(self.inputNode, inputPath)
@@ -135,10 +142,11 @@ class UpsampleJob:
             raise
 
     def poll(self) -> list:
-        """The process's new events; a run whose input or output node left the scene is cancelled."""
-        if self.goneMessage is None:
-            self.goneMessage = self._nodeGoneMessage()
-            if self.goneMessage is not None:
+        """The process's new events; a run whose input or output node left the scene, or whose
+        input was moved (its geometry or parent transform changed), is cancelled."""
+        if self.abandonMessage is None:
+            self.abandonMessage = self._abandonMessage()
+            if self.abandonMessage is not None:
                 self.process.cancel()
         return self.process.poll()
 
@@ -155,11 +163,13 @@ class UpsampleJob:
             try:
                 result = self.process.outcome()
             except UpsampleCancelled:
-                raise UpsampleCancelled(self.goneMessage or "upsampling was cancelled; nothing was written") from None
+                raise UpsampleCancelled(self.abandonMessage or "upsampling was cancelled; nothing was written") from None
             try:
                 return self._readOutput(result["output"])
-            except KeyboardInterrupt:  # Ctrl-C in the read-back: _readOutput took its node away again
+            except KeyboardInterrupt:  # Ctrl-C in the read-back: _readOutput undid what it had changed
                 raise UpsampleCancelled("upsampling was cancelled; nothing was written") from None
+            except OSError as error:  # read back outside the scene: nothing there has changed
+                raise UpsampleFailed(f"{error}; nothing was changed") from None
         finally:
             self.cleanup()
 
@@ -181,32 +191,51 @@ class UpsampleJob:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _nodeGoneMessage(self) -> Optional[str]:
+    def _abandonMessage(self) -> Optional[str]:
         scene = self.inputNode.GetScene()
+        name = self.inputNode.GetName()
         if scene is None or scene.GetNodeByID(self.inputNode.GetID()) is not self.inputNode:
-            return f"'{self.inputNode.GetName()}' left the scene during the run; nothing was added"
+            return f"'{name}' left the scene during the run; nothing was added"
         if self.outputNode is not None and self.outputNode.GetScene() is not scene:
             return f"output '{self.outputNode.GetName()}' left the scene during the run; nothing was added"
+        if self.inputPlacement is not None and _placement(self.inputNode) != self.inputPlacement:
+            return (f"'{name}' was moved during the run (its geometry or transform changed), so the result "
+                    "would not lie on it; nothing was added: run it again")
         return None
 
     def _readOutput(self, path):
-        gone = self._nodeGoneMessage()
-        if gone is not None:
-            raise UpsampleCancelled(gone)
+        """The result read outside the scene, then handed to the output node: a read that fails
+        or is interrupted leaves the scene and a chosen output node as they were."""
+        abandoned = self._abandonMessage()
+        if abandoned is not None:
+            raise UpsampleCancelled(abandoned)
+        result = readVolumeFile(path)
+        alignAxes(result, self.inputNode)
         scene = self.inputNode.GetScene()
-        name = scene.GenerateUniqueName(outputName(self.inputNode, self.options))
-        node = readVolumeNode(path, scene, name, self.outputNode)
+        node, before = self.outputNode, None
+        if node is None:
+            node = scene.AddNewNodeByClass(SCALAR_VOLUME_CLASS, scene.GenerateUniqueName(outputName(self.inputNode, self.options)))
         try:
-            alignAxes(node, self.inputNode)
+            before = (replaceVolume(node, result), node.GetAttribute(SLICE_AXIS_ATTRIBUTE), node.GetTransformNodeID())
             node.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(geometry.slice_axis(tuple(self.inputNode.GetSpacing()), self.options.axis)))
             node.SetAndObserveTransformNodeID(self.inputNode.GetTransformNodeID())
             copyDisplay(self.inputNode, node)
-        except BaseException:  # a node made here goes again: half set up, it would say the wrong thing
+        except BaseException:  # a node made here goes again; a chosen one gets back what it held
             if self.outputNode is None:
                 scene.RemoveNode(node)
+            elif before is not None:
+                volume, axis, transform = before
+                restoreVolume(node, volume)
+                node.SetAttribute(SLICE_AXIS_ATTRIBUTE, axis)
+                node.SetAndObserveTransformNodeID(transform)
             raise
         self.outputNode = node
         return node
+
+
+def _placement(volumeNode) -> tuple:
+    """Where a volume node's voxels lie: its IJK-to-RAS and parent transform."""
+    return tuple(ijkToRas(volumeNode).ravel()), volumeNode.GetTransformNodeID()
 
 
 def removeOrphanedFolders(root=None) -> None:

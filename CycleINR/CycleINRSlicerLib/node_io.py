@@ -20,26 +20,40 @@ def writeVolumeNode(volumeNode, path) -> None:
         raise OSError(f"could not write volume '{volumeNode.GetName()}' to {path}")
 
 
-def readVolumeNode(path, scene, name: str, volumeNode=None):
-    """Read a single volume file into `volumeNode`, or into a new scalar volume node in `scene`.
+def readVolumeFile(path):
+    """A new scalar volume node, in no scene, with a single volume file's voxels and IJK-to-RAS.
 
-    The node keeps no reference to the file, which is temporary; a given node keeps its own
-    storage node (where the user saves it), which reading would drop.
+    Outside the scene so that a read that fails or is interrupted touches nothing the user has
+    (Slicer's reader empties the node it reads into before it knows the file is whole).
     """
-    created = volumeNode is None
-    if created:
-        volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    ownStorage = volumeNode.GetStorageNodeID()
+    volumeNode = slicer.vtkMRMLScalarVolumeNode()
     storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storageNode.SetFileName(str(path))
     storageNode.SetSingleFile(1)  # never pull in numbered neighbours as a series
-    read = storageNode.ReadData(volumeNode)
-    volumeNode.SetAndObserveStorageNodeID(ownStorage)
-    if not read:
-        if created:  # no empty node left behind
-            scene.RemoveNode(volumeNode)
+    if not storageNode.ReadData(volumeNode) or volumeNode.GetImageData() is None:
         raise OSError(f"could not read the upsampled volume from {path}")
     return volumeNode
+
+
+def replaceVolume(targetNode, sourceNode):
+    """Give `targetNode` the voxels and IJK-to-RAS of `sourceNode`; returns what it held before,
+    for `restoreVolume`. The target keeps its storage node (where the user saves it)."""
+    before = (targetNode.GetImageData(), _matrix(targetNode))
+    targetNode.SetIJKToRASMatrix(_matrix(sourceNode))
+    targetNode.SetAndObserveImageData(sourceNode.GetImageData())
+    return before
+
+
+def restoreVolume(targetNode, before) -> None:
+    imageData, matrix = before
+    targetNode.SetIJKToRASMatrix(matrix)
+    targetNode.SetAndObserveImageData(imageData)
+
+
+def _matrix(volumeNode):
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return matrix
 
 
 def alignAxes(volumeNode, referenceNode) -> None:
@@ -92,6 +106,5 @@ def arrayFromVolumeNode(volumeNode) -> np.ndarray:
 
 def ijkToRas(volumeNode) -> np.ndarray:
     """The node's 4x4 IJK-to-RAS matrix (without parent transforms)."""
-    matrix = vtk.vtkMatrix4x4()
-    volumeNode.GetIJKToRASMatrix(matrix)
+    matrix = _matrix(volumeNode)
     return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
