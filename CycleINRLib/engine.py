@@ -247,12 +247,13 @@ def upsample_array(
                          f"{slices_first.max():g} are beyond what float32 arithmetic in the model holds")
     if normalization.floor is not None:
         _keep_out_of_field(result, slices_first, positions, normalization.floor)
-    if keep_acquired_slices:
-        for out_index, in_index in geometry.acquired_slice_matches(shape[0], factor):
-            result[out_index] = slices_first[in_index]
     if match_noise:
         noise_matching.add_missing_noise(result, slices_first, factor)
-    return np.moveaxis(to_pixel_type(result, array.dtype), 0, axis)
+    output = to_pixel_type(result, array.dtype)
+    if keep_acquired_slices:  # after the cast, verbatim: float32 does not hold every int32 or float64 value
+        for out_index, in_index in geometry.acquired_slice_matches(shape[0], factor):
+            output[out_index] = slices_first[in_index]
+    return np.moveaxis(output, 0, axis)
 
 
 def _keep_out_of_field(result: np.ndarray, slices: np.ndarray, positions: np.ndarray, floor: float) -> None:

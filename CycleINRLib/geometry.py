@@ -70,8 +70,10 @@ def output_slice_count(input_slices: int, factor: float) -> int:
 
 
 def output_positions(input_slices: int, factor: float) -> np.ndarray:
-    """Input slice coordinate of every output slice: j / r."""
-    return np.arange(output_slice_count(input_slices, factor), dtype=np.float64) / factor
+    """Input slice coordinate of every output slice: j / r (the last one no further than the last
+    input slice, which a factor a hair below a whole number, 2.99999998 from a NIfTI's float32
+    spacing, would pass by 1e-7)."""
+    return np.minimum(np.arange(output_slice_count(input_slices, factor), dtype=np.float64) / factor, input_slices - 1)
 
 
 def acquired_slice_matches(input_slices: int, factor: float) -> list[tuple[int, int]]:

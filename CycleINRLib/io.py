@@ -392,6 +392,9 @@ def to_pixel_type(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     its range. Works in place on `values` (no volume-sized temporaries); don't reuse it."""
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
+        highest = values.dtype.type(info.max)
+        if int(highest) > info.max:  # 32 bits and wider: float32 rounds the top up, past it, and the cast would wrap
+            highest = np.nextafter(highest, values.dtype.type(0))
         np.rint(values, out=values)
-        np.clip(values, info.min, info.max, out=values)
+        np.clip(values, info.min, highest, out=values)
     return values.astype(dtype, copy=False)

@@ -1,6 +1,7 @@
 """Tiled inference: exactness, cancellation, progress, memory budget, intensities."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -163,6 +164,34 @@ def test_output_keeps_pixel_type_and_acquired_slices(model):
     generated = engine.upsample_array(volume, 2.0, model, axis=0, keep_acquired_slices=False)
     assert not np.array_equal(generated[::2], volume)
     assert np.abs(result[1::2].astype(int) - generated[1::2]).max() <= 1  # float rounding at most
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.int64, np.float64])
+def test_wide_pixel_types_keep_acquired_slices_verbatim_and_clip_at_their_top(dtype):
+    """float32 holds neither every int32 value (19999925 came back 19999924) nor its maximum
+    (rounded up to 2**31, which wrapped to -2**31 in the cast)."""
+    linear = CycleINR(NAMED_CONFIGS["light"]).eval()  # untrained: exactly linear interpolation
+    volume = (_ct_like((4, 12, 12)) + 2000).astype(dtype)
+    top = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1e6
+    volume[:, 4:8, 4:8] = top
+    volume[:, 0, 0] = 19999925 if np.issubdtype(dtype, np.integer) else 1000.123456789012
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflowing cast warns "invalid value encountered in cast"
+        result = engine.upsample_array(volume, 2.0, linear, device="cpu")
+    assert result.dtype == dtype and np.array_equal(result[::2], volume)
+    assert (result[1::2, 4:8, 4:8] >= top * (1 - 1e-6)).all()  # between two maxima: at the top, not wrapped
+
+
+def test_a_factor_a_hair_below_a_whole_number_decodes_its_last_slice(model):
+    """A NIfTI stores 3.3 mm as 3.29999995: a factor of 2.99999998 put the last output slice 1e-7
+    past the last input slice, outside every tile, where it stayed undecoded (the normalization's
+    low value) with a warning of 0/0."""
+    volume = _ct_like((6, 12, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        near = engine.upsample_array(volume, 2.99999998, model, device="cpu", keep_acquired_slices=False)
+    exact = engine.upsample_array(volume, 3.0, model, device="cpu", keep_acquired_slices=False)
+    assert near.shape == exact.shape and np.abs(near.astype(int) - exact).max() <= 1
 
 
 def test_integer_outputs_are_clipped_to_the_pixel_type_not_wrapped():
