@@ -2,8 +2,9 @@
 
 Only the slice axis is upsampled. With input spacing s and N slices along it, and factor r:
 output origin = input origin, output spacing = s / r, output slice count
-M = floor((N - 1) * r + 1e-6) + 1, and output slice j lies at input slice coordinate j / r.
-No slice is extrapolated past the last acquired one; the other axes and the direction
+M = floor((N - 1) * r + 1e-6) + 1, and output slice j lies at input slice coordinate j / r
+(the last one at most N - 1, which the 1e-6 could pass by 1e-7). No slice is extrapolated
+past the last acquired one; the other axes and the direction
 matrix are unchanged. With integer r, output slices j = k * r coincide with acquired slices.
 """
 

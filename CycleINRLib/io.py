@@ -392,7 +392,7 @@ def to_pixel_type(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     its range. Works in place on `values` (no volume-sized temporaries); don't reuse it."""
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        highest = values.dtype.type(info.max)
+        highest = values.dtype.type(min(info.max, np.finfo(values.dtype).max))  # float16 holds no int32 max
         if int(highest) > info.max:  # 32 bits and wider: float32 rounds the top up, past it, and the cast would wrap
             highest = np.nextafter(highest, values.dtype.type(0))
         np.rint(values, out=values)

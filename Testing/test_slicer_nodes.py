@@ -267,7 +267,8 @@ def test_requests_that_would_fail_later_are_refused_before_anything_is_written(o
 
 
 @pytest.mark.parametrize("damage", ["remove the input", "move the input", "garble the result",
-                                    "garble the result for a chosen output", "interrupt the read-back of a chosen output"])
+                                    "garble the result for a chosen output", "interrupt the read-back of a chosen output",
+                                    "interrupt the hand-over of the voxels to a chosen output"])
 def test_an_input_gone_or_moved_or_a_result_not_read_back_changes_nothing(oblique_mr, scene, temp_folders, damage,
                                                                            monkeypatch):
     """The scene changes only once a whole result has been read back: a chosen output node (last
@@ -299,9 +300,15 @@ def test_an_input_gone_or_moved_or_a_result_not_read_back_changes_nothing(obliqu
         (run.folder / "output.nrrd").write_bytes(b"not a volume any more")  # a full disk, a cleaner
         failure, message = UpsampleFailed, "could not read the upsampled volume from .*; nothing was changed"
     else:
-        def interrupted(*args):
+        import CycleINRSlicerLib.job as job_module
+        step = "replaceVolume" if "voxels" in damage else "copyDisplay"
+        done = getattr(job_module, step)
+
+        def interrupted(*args):  # Ctrl-C just after the voxels changed hands, or as the display is copied
+            if step == "replaceVolume":
+                done(*args)
             raise KeyboardInterrupt
-        monkeypatch.setattr("CycleINRSlicerLib.job.copyDisplay", interrupted)  # Ctrl-C as it is handed over
+        monkeypatch.setattr(job_module, step, interrupted)
         failure, message = UpsampleCancelled, "cancelled; nothing was written"
     with pytest.raises(failure, match=message):
         run.finish()

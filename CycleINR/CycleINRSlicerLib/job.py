@@ -16,12 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from CycleINRLib import geometry
 from CycleINRLib.config import DEVICES as LIBRARY_DEVICES
 from CycleINRLib.errors import InputError
 from CycleINRLib.io import Volume, validate_volume
 from .node_io import (alignAxes, arrayFromVolumeNode, copyDisplay, ijkToRas, readVolumeFile, replaceVolume, restoreVolume,
-                      writeVolumeNode)
+                      snapshotVolume, writeVolumeNode)
 from .process import ProgressCallback, UpsampleCancelled, UpsampleFailed, UpsampleOptions, UpsampleProcess, upsampleCommand
 
 AXIS_NAMES = ("I", "J", "K")
@@ -198,7 +200,7 @@ class UpsampleJob:
             return f"'{name}' left the scene during the run; nothing was added"
         if self.outputNode is not None and self.outputNode.GetScene() is not scene:
             return f"output '{self.outputNode.GetName()}' left the scene during the run; nothing was added"
-        if self.inputPlacement is not None and _placement(self.inputNode) != self.inputPlacement:
+        if self.inputPlacement is not None and not _samePlacement(_placement(self.inputNode), self.inputPlacement):
             return (f"'{name}' was moved during the run (its geometry or transform changed), so the result "
                     "would not lie on it; nothing was added: run it again")
         return None
@@ -212,18 +214,22 @@ class UpsampleJob:
         result = readVolumeFile(path)
         alignAxes(result, self.inputNode)
         scene = self.inputNode.GetScene()
-        node, before = self.outputNode, None
-        if node is None:
-            node = scene.AddNewNodeByClass(SCALAR_VOLUME_CLASS, scene.GenerateUniqueName(outputName(self.inputNode, self.options)))
+        node = self.outputNode
+        before = None if node is None else (snapshotVolume(node), node.GetAttribute(SLICE_AXIS_ATTRIBUTE),
+                                            node.GetTransformNodeID())
         try:
-            before = (replaceVolume(node, result), node.GetAttribute(SLICE_AXIS_ATTRIBUTE), node.GetTransformNodeID())
+            if node is None:
+                node = scene.AddNewNodeByClass(SCALAR_VOLUME_CLASS,
+                                               scene.GenerateUniqueName(outputName(self.inputNode, self.options)))
+            replaceVolume(node, result)
             node.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(geometry.slice_axis(tuple(self.inputNode.GetSpacing()), self.options.axis)))
             node.SetAndObserveTransformNodeID(self.inputNode.GetTransformNodeID())
             copyDisplay(self.inputNode, node)
         except BaseException:  # a node made here goes again; a chosen one gets back what it held
             if self.outputNode is None:
-                scene.RemoveNode(node)
-            elif before is not None:
+                if node is not None:
+                    scene.RemoveNode(node)
+            else:
                 volume, axis, transform = before
                 restoreVolume(node, volume)
                 node.SetAttribute(SLICE_AXIS_ATTRIBUTE, axis)
@@ -235,7 +241,12 @@ class UpsampleJob:
 
 def _placement(volumeNode) -> tuple:
     """Where a volume node's voxels lie: its IJK-to-RAS and parent transform."""
-    return tuple(ijkToRas(volumeNode).ravel()), volumeNode.GetTransformNodeID()
+    return ijkToRas(volumeNode), volumeNode.GetTransformNodeID()
+
+
+def _samePlacement(now: tuple, before: tuple) -> bool:
+    """Equal but for rounding: setting a matrix to its own values can move it by an ulp."""
+    return now[1] == before[1] and np.allclose(now[0], before[0], rtol=0, atol=1e-6)
 
 
 def removeOrphanedFolders(root=None) -> None:

@@ -35,19 +35,24 @@ def readVolumeFile(path):
     return volumeNode
 
 
-def replaceVolume(targetNode, sourceNode):
-    """Give `targetNode` the voxels and IJK-to-RAS of `sourceNode`; returns what it held before,
-    for `restoreVolume`. The target keeps its storage node (where the user saves it)."""
-    before = (targetNode.GetImageData(), _matrix(targetNode))
-    targetNode.SetIJKToRASMatrix(_matrix(sourceNode))
-    targetNode.SetAndObserveImageData(sourceNode.GetImageData())
-    return before
+def snapshotVolume(volumeNode) -> tuple:
+    """What `restoreVolume` gives back: the node's image data and IJK-to-RAS."""
+    return volumeNode.GetImageData(), _matrix(volumeNode)
 
 
-def restoreVolume(targetNode, before) -> None:
-    imageData, matrix = before
+def replaceVolume(targetNode, sourceNode) -> None:
+    """Give `targetNode` the voxels and IJK-to-RAS of `sourceNode`, in one modification (views
+    never draw the new matrix over the old voxels). The target keeps its storage node (where
+    the user saves it)."""
+    restoreVolume(targetNode, snapshotVolume(sourceNode))
+
+
+def restoreVolume(targetNode, snapshot: tuple) -> None:
+    imageData, matrix = snapshot
+    wasModifying = targetNode.StartModify()
     targetNode.SetIJKToRASMatrix(matrix)
     targetNode.SetAndObserveImageData(imageData)
+    targetNode.EndModify(wasModifying)
 
 
 def _matrix(volumeNode):
