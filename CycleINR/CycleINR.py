@@ -33,14 +33,16 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CycleINRSlicerLib.process import UpsampleCancelled, UpsampleFailed, UpsampleOptions, findLibraryParent
+from CycleINRSlicerLib import findLibraryParent
 
 LIBRARY_PARENT = findLibraryParent(os.path.dirname(os.path.abspath(__file__)))
 if str(LIBRARY_PARENT) not in sys.path:
     sys.path.append(str(LIBRARY_PARENT))
 
 from CycleINRLib import geometry  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
-from CycleINRLib.errors import InputError  # noqa: E402
+# What the logic raises, importable from here as from CycleINRLib.errors.
+from CycleINRLib.errors import InputError, UpsampleCancelled, UpsampleFailed  # noqa: E402
+from CycleINRSlicerLib.process import DeviceProbe, UpsampleOptions  # noqa: E402
 from CycleINRSlicerLib.job import UpsampleJob, checkRequest, describeOutputGrid, scalarVolumeArray, upsampledAxis  # noqa: E402
 
 # Import name -> requirement, for what the command line and the noise metrics need beyond
@@ -75,7 +77,7 @@ With an integer factor every r-th output slice coincides with an acquired slice.
 <p>The model runs in a separate process, so the application stays responsive and an out-of-memory
 error cannot close it. Results: SNLI (slice-wise noise level inconsistency; lower is more consistent)
 and a per-slice noise-level plot of input and output.</p>
-<p>See the <a href="https://github.com/cycleinr/CycleINR#3d-slicer">project README</a> for the scripting API.</p>
+<p>See the <a href="https://github.com/cycleinr/CycleINR#3d-slicer-the-upsample-slices-module">project README</a> for the scripting API.</p>
 """
         self.parent.acknowledgementText = """
 Method: Wei Fang, Yuxing Tang, Heng Guo, Mingze Yuan, Tony C. W. Mok, Ke Yan, Jiawen Yao, Xin Chen, Zaiyi Liu,
@@ -167,6 +169,9 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPoll)
+        self._deviceTimer = qt.QTimer()  # polls the device check, which runs in a separate process
+        self._deviceTimer.setInterval(POLL_INTERVAL_MS)
+        self._deviceTimer.connect("timeout()", self._showDevices)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -187,6 +192,7 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._timer.stop()
+        self._deviceTimer.stop()
         if self._job is not None:
             self._job.process.stop()
             self._job.cleanup()
@@ -198,10 +204,13 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showDevices()
 
     def _showDevices(self) -> None:
-        try:
-            self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
-        except Exception as error:  # noqa: BLE001 - a broken PyTorch must not break the panel
-            self.ui.deviceInfoLabel.text = f"PyTorch cannot be loaded: {error}"
+        description = self.logic.deviceDescription()
+        if description is None:
+            self.ui.deviceInfoLabel.text = "Detecting devices..."
+            self._deviceTimer.start()
+        else:
+            self._deviceTimer.stop()
+            self.ui.deviceInfoLabel.text = description
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -324,7 +333,8 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setStatus(f"Done: '{outputNode.GetName()}' on {job.process.result.get('device', '?')} "
                         f"in {job.process.result.get('seconds', 0):.1f} s.{warnings}")
         try:
-            summary, chart = self.logic.compareNoise(job.inputNode, outputNode, job.options.axis)
+            summary, chart = self.logic.compareNoise(job.inputNode, outputNode, job.options.axis,
+                                                     job.process.result.get("noise"))
         except Exception as error:  # noqa: BLE001 - the volume is there even when metrics fail
             self._showError(error, "Upsampling succeeded, but the noise comparison failed")
             return
@@ -380,7 +390,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._deviceDescription = None
+        self._deviceProbe = None  # what PyTorch detects, asked once in a separate process
 
     def getParameterNode(self):
         return CycleINRParameterNode(super().getParameterNode())
@@ -404,7 +414,14 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         options = UpsampleOptions(factor=factor, spacing=spacing, axis=axis, device=device, weights=weights,
                                   maxMemoryGB=maxMemoryGB, keepAcquiredSlices=keepAcquiredSlices, matchNoise=matchNoise,
                                   flipEnsemble=flipEnsemble, bf16=bf16)
-        return self._prepareJob(inputVolumeNode, options, outputVolumeNode).wait(progressCallback)
+        return self._prepareJob(inputVolumeNode, options, outputVolumeNode).wait(progressCallback, self._processEvents)
+
+    @staticmethod
+    def _processEvents() -> None:
+        """Let Slicer repaint while the blocking call waits: the console shows the progress
+        callback's lines as they come, not all at the end."""
+        if hasattr(slicer, "app"):  # not in slicer-core outside the application
+            slicer.app.processEvents()
 
     def startUpsample(self, inputVolumeNode, options: UpsampleOptions, outputVolumeNode=None) -> UpsampleJob:
         """Start without blocking; the caller polls the returned job (the panel does, from a timer)."""
@@ -413,11 +430,10 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         return job
 
     def _prepareJob(self, inputVolumeNode, options: UpsampleOptions, outputVolumeNode) -> UpsampleJob:
-        """Check the input, make sure the packages are there, and pick the device."""
+        """Check the input and make sure the packages are there."""
         self.checkInput(inputVolumeNode, options, outputVolumeNode)
         if not self.ensureDependencies():
             raise UpsampleFailed("the required Python packages are not installed; nothing was started")
-        options.device = self.resolveDevice(options.device)
         return UpsampleJob(inputVolumeNode, options, outputVolumeNode, self.pythonExecutable(), LIBRARY_PARENT)
 
     def checkInput(self, volumeNode, options: UpsampleOptions, outputVolumeNode=None) -> None:
@@ -435,7 +451,8 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
             spacing=None if byFactor else parameters.targetSpacing,
             axis=parameters.sliceAxis.index, device=parameters.device.value, weights=weights,
             maxMemoryGB=parameters.maxMemoryGB or None, keepAcquiredSlices=parameters.keepAcquiredSlices,
-            matchNoise=parameters.matchNoise, flipEnsemble=parameters.flipEnsemble, bf16=parameters.bf16)
+            matchNoise=parameters.matchNoise, flipEnsemble=parameters.flipEnsemble, bf16=parameters.bf16,
+            noiseReport=True)
 
     @staticmethod
     def describeOutput(volumeNode, options: UpsampleOptions) -> str:
@@ -452,38 +469,26 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
 
     # Devices
 
-    @staticmethod
-    def resolveDevice(device: str) -> str:
-        """The command line's device name; "gpu" becomes the GPU kind PyTorch detects."""
-        if device != "gpu":
-            return device
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        raise InputError("GPU selected, but PyTorch finds no CUDA or Apple GPU; choose CPU or automatic")
-
-    def deviceDescription(self) -> str:
-        """What PyTorch detects, in words for the panel (cached: importing torch takes a while)."""
-        if self._deviceDescription is None:
-            self._deviceDescription = self._detectDevices()
-        return self._deviceDescription
-
-    @staticmethod
-    def _detectDevices() -> str:
+    def deviceDescription(self) -> Optional[str]:
+        """What PyTorch detects, in words for the panel; None while a separate process asks it
+        (importing torch into Slicer would stall the GUI and hold GPU memory)."""
         if importlib.util.find_spec("torch") is None:
             return "PyTorch is not installed yet; it is installed (after you confirm) on the first Apply."
-        import torch
+        if self._deviceProbe is None:
+            self._deviceProbe = DeviceProbe(self.pythonExecutable())
+        facts = self._deviceProbe.result()
+        return None if facts is None else self._describeDevices(facts)
 
-        if torch.cuda.is_available():
-            return (f"GPU detected: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}); "
-                    "automatic uses it.")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    @staticmethod
+    def _describeDevices(facts: dict) -> str:
+        if "error" in facts:
+            return f"PyTorch cannot be loaded: {facts['error']}"
+        if facts.get("cudaDevice"):
+            return f"GPU detected: {facts['cudaDevice']} (CUDA {facts['cudaBuild']}); automatic uses it."
+        if facts.get("mps"):
             return "Apple GPU (MPS) detected; automatic uses it."
-        build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build"
-        return (f"No GPU detected: PyTorch {torch.__version__} is {build}. The CPU works, more slowly. "
+        build = "a CPU-only build" if facts.get("cudaBuild") is None else f"a CUDA {facts['cudaBuild']} build"
+        return (f"No GPU detected: PyTorch {facts.get('torch', '?')} is {build}. The CPU works, more slowly. "
                 "With an NVIDIA GPU, reinstall PyTorch with CUDA in the PyTorch Utils module.")
 
     # Dependencies
@@ -531,12 +536,15 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _slicerPackaging():
-        """slicer.packaging (Slicer 5.11+, earlier previews: slicer.pydeps), or None."""
+        """slicer.packaging (Slicer 5.11+, earlier previews: slicer.pydeps) where it has pip_ensure
+        (some development builds had a slicer.packaging without it), or None."""
         for name in ("slicer.packaging", "slicer.pydeps"):
             try:
-                return importlib.import_module(name)
+                module = importlib.import_module(name)
             except ImportError:
                 continue
+            if hasattr(module, "pip_ensure"):
+                return module
         return None
 
     @staticmethod
@@ -563,7 +571,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
     def _ensureTorch(self) -> bool:
         if importlib.util.find_spec("torch") is not None:
             return True
-        self._deviceDescription = None
+        self._deviceProbe = None  # asked again once PyTorch is installed
         try:
             import PyTorchUtils
         except ImportError:
@@ -577,14 +585,22 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
     # Results
 
     @staticmethod
-    def compareNoise(inputVolumeNode, outputVolumeNode, axis=None):
-        """SNLI and mean noise of input and output as text, and a per-slice noise chart node."""
-        from CycleINRSlicerLib.results import addNoisePlot, noiseLevels, summary
+    def compareNoise(inputVolumeNode, outputVolumeNode, axis=None, report=None):
+        """SNLI and mean noise of input and output as text, and a per-slice noise chart node.
+
+        report: the `noise` entry of a run's result (`UpsampleOptions(noiseReport=True)`), whose
+        process measured the slices already; None measures the nodes here.
+        """
+        from CycleINRSlicerLib.results import addNoisePlot, noiseLevels, reportedLevels, summary
 
         scalarVolumeArray(inputVolumeNode, "input")
         scalarVolumeArray(outputVolumeNode, "output")
         axis = upsampledAxis(inputVolumeNode, outputVolumeNode, axis)  # the output node records its run's
-        inputLevels, outputLevels = noiseLevels(inputVolumeNode, axis), noiseLevels(outputVolumeNode, axis)
+        if report is None:
+            inputLevels, outputLevels = noiseLevels(inputVolumeNode, axis), noiseLevels(outputVolumeNode, axis)
+        else:
+            inputLevels = reportedLevels(inputVolumeNode, axis, report["input"])
+            outputLevels = reportedLevels(outputVolumeNode, axis, report["output"])
         text = summary(inputLevels, outputLevels)
         logging.info("Upsample slices, %s -> %s:\n%s", inputVolumeNode.GetName(), outputVolumeNode.GetName(), text)
         return text, addNoisePlot(inputVolumeNode.GetScene(), inputLevels, outputLevels)

@@ -55,7 +55,7 @@ def register(commands) -> None:
                         "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
     parser.add_argument("--weights", help="weights file for cycleinr (.safetensors); default: the bundled CT weights")
     parser.add_argument("--device", default="auto", choices=DEVICES,
-                        help="for cycleinr; auto: CUDA, then Apple MPS, then the CPU (default: auto)")
+                        help="for cycleinr; auto: CUDA, then Apple MPS, then the CPU; gpu: CUDA, then Apple MPS, else an error (default: auto)")
     parser.add_argument("--flip-ensemble", action="store_true",
                         help="cycleinr methods average two passes, the second over the slice-reversed input "
                              "(as `cycleinr upsample --flip-ensemble`; twice the time)")

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-DEVICES = ("auto", "cpu", "cuda", "mps")  # what `--device`, `run.device` and the Slicer logic accept
+DEVICES = ("auto", "cpu", "cuda", "mps", "gpu")  # what `--device`, `run.device` and the Slicer logic accept
 # Below it a CT holds no tissue but the padding outside the scanner's field of view (-2000,
 # -2048, -3024 HU, vendor by vendor); reconstructions and our training data stop at -1024.
 CT_FLOOR_HU = -1024.0

@@ -43,12 +43,15 @@ CancelCheck = Callable[[], bool]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """auto: CUDA, then Apple MPS, then CPU. An explicit device must exist."""
-    if name == "auto":
+    """auto: CUDA, then Apple MPS, then CPU; gpu: CUDA, then Apple MPS, or an error. An
+    explicit device must exist."""
+    if name in ("auto", "gpu"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
+        if name == "gpu":
+            raise InputError("device gpu requested but torch finds no CUDA or Apple MPS GPU; use cpu or auto")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("device cuda requested but no CUDA GPU is available to torch")

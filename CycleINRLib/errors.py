@@ -9,6 +9,15 @@ class WeightsError(InputError):
     """A weights file that is missing, corrupt, truncated or does not match the model."""
 
 
+class UpsampleFailed(RuntimeError):
+    """A run of `cycleinr upsample` (the Slicer module's process) produced no output;
+    `details` holds what the process printed."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
 class UpsampleCancelled(RuntimeError):
     """Raised within one tile of a cancel request; no partial result is returned or written."""
 

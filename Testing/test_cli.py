@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -55,7 +56,7 @@ def assert_refused(result, output: Path, fragment: str):
 
 def test_upsample_real_ct_with_json_progress(ct_crop, tmp_path):
     output = tmp_path / "up.nii.gz"
-    result = cycleinr("upsample", ct_crop, output, "--factor", "2.5", "--json-progress")
+    result = cycleinr("upsample", ct_crop, output, "--factor", "2.5", "--json-progress", "--noise-report")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     progress = [e["fraction"] for e in events if e["event"] == "progress"]
@@ -71,12 +72,21 @@ def test_upsample_real_ct_with_json_progress(ct_crop, tmp_path):
     acquired = sitk.GetArrayFromImage(source)
     assert np.array_equal(sitk.GetArrayFromImage(upsampled)[::5], acquired[::2])  # kept verbatim
 
+    from CycleINRLib.metrics import noise_profile  # the levels a GUI charts: those of the files, slice by slice
+
+    for role, image in (("input", source), ("output", upsampled)):
+        expected = noise_profile(sitk.GetArrayFromImage(image), 0)
+        np.testing.assert_allclose(done["noise"][role]["levels"], expected.levels, atol=1e-6)
+        assert done["noise"][role]["snli"] == pytest.approx(expected.snli)
+
 
 def test_target_spacing_and_terminal_summary(ct_crop, tmp_path):
     output = tmp_path / "up.mha"
-    result = cycleinr("upsample", ct_crop, output, "--spacing", "2", "--axis", "2")
+    result = cycleinr("upsample", ct_crop, output, "--spacing", "2", "--axis", "2", "--noise-report")
     assert result.returncode == 0, result.stderr
     assert "output: 96x80x45 voxels" in result.stdout and "factor 4" in result.stdout
+    assert re.search(r"^SNLI: input [\d.]+, output [\d.]+; mean noise level: input [\d.]+, output [\d.]+$",
+                     result.stdout, re.M), result.stdout
     assert sitk.ReadImage(str(output)).GetSpacing()[2] == pytest.approx(2.0)
 
 

@@ -275,6 +275,16 @@ def test_unavailable_device_is_refused():
         engine.resolve_device("cuda")
 
 
+def test_gpu_means_a_gpu_or_an_error():
+    """`gpu` (the Slicer panel's choice) never falls back to the CPU as `auto` does."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        assert engine.resolve_device("gpu").type in ("cuda", "mps")
+        return
+    assert engine.resolve_device("auto").type == "cpu"
+    with pytest.raises(InputError, match="device gpu requested but torch finds no CUDA or Apple MPS GPU"):
+        engine.resolve_device("gpu")
+
+
 def test_padding_is_kept_where_it_lies_on_both_sides_of_a_new_slice(model):
     """Out-of-field padding (-3024 HU) in the first three slices of one corner, where the
     field of view changes from slice to slice: new slices between two padded voxels keep the

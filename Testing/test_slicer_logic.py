@@ -7,6 +7,7 @@ process, the command line and MRML are the real ones.
 """
 
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -21,9 +22,9 @@ slicer = pytest.importorskip("slicer", reason="needs real MRML from the slicer-c
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
-from CycleINRLib.errors import InputError  # noqa: E402
+from CycleINRLib.errors import InputError, UpsampleCancelled  # noqa: E402
 from CycleINRSlicerLib.node_io import arrayFromVolumeNode, ijkToRas  # noqa: E402
-from CycleINRSlicerLib.process import UpsampleCancelled  # noqa: E402
+from CycleINRSlicerLib.process import UpsampleOptions  # noqa: E402
 from test_slicer_nodes import MR_OBLIQUE, volume_node  # noqa: E402
 
 
@@ -69,9 +70,12 @@ def mr_crop(shared_data, scene):
     return volume_node(scene, image, "pgbm crop")
 
 
-def test_the_documented_console_call_and_its_noise_comparison(logic, scene, mr_crop):
+def test_the_documented_console_call_and_its_noise_comparison(logic, scene, mr_crop, monkeypatch):
     before = arrayFromVolumeNode(mr_crop).copy()
+    repaints = []  # Slicer's console shows the progress lines only if the call lets it repaint
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: repaints.append(1)), raising=False)
     output = logic.upsample(mr_crop, factor=2.0, axis=0, device="cpu")
+    assert repaints
     assert output.GetName() == "pgbm crop x2" and output.GetImageData().GetDimensions() == (79, 36, 7)
     np.testing.assert_allclose(ijkToRas(output)[:, 1:], ijkToRas(mr_crop)[:, 1:])  # only the I axis is finer
     text, chart = logic.compareNoise(mr_crop, output)  # along I, the axis the output records
@@ -164,6 +168,49 @@ def test_the_panel_s_settings_become_the_command_s_options(logic):
         options = logic.optionsFromParameters(types.SimpleNamespace(weightsPath=field, **settings))
         assert options.weights == weights
         assert (options.factor, options.spacing, options.device, options.maxMemoryGB) == (2.5, None, "cpu", None)
+        assert options.noiseReport and "--noise-report" in options.arguments()  # the chart's levels: measured there
+
+
+def test_the_panel_s_chart_takes_the_levels_its_run_measured(logic, scene, mr_crop):
+    """Measuring hundreds of output slices on Slicer's GUI thread would freeze it for seconds:
+    the panel's run measures them in its process, and they are the ones Slicer would measure."""
+    job = logic.startUpsample(mr_crop, UpsampleOptions(factor=2.0, axis=0, device="cpu", noiseReport=True))
+    output = job.wait()
+    report = job.process.result["noise"]
+    reported, chart = logic.compareNoise(mr_crop, output, None, report)
+    measured, _ = logic.compareNoise(mr_crop, output)
+    assert reported == measured and reported.startswith("SNLI: input")
+    levels = chart.GetNthPlotSeriesNode(1).GetTableNode().GetTable().GetColumnByName("noise level")
+    assert levels.GetNumberOfTuples() == 79
+    np.testing.assert_allclose([levels.GetValue(row) for row in range(79)], report["output"]["levels"])
+    with pytest.raises(ValueError, match="40 noise levels reported for the 7 slices of 'pgbm crop'"):
+        logic.compareNoise(mr_crop, output, 2, report)  # levels of another axis
+
+
+def test_the_panel_learns_the_devices_from_a_separate_process(logic):
+    """Importing torch (and CUDA) into Slicer would stall its GUI and hold GPU memory."""
+    import torch
+
+    deadline = time.monotonic() + 120
+    while (description := logic.deviceDescription()) is None:
+        assert time.monotonic() < deadline, "the device check did not finish"
+        time.sleep(0.1)
+    if torch.cuda.is_available():
+        assert description.startswith(f"GPU detected: {torch.cuda.get_device_name(0)}")
+    else:
+        assert description.startswith(f"No GPU detected: PyTorch {torch.__version__} is a")
+    assert logic.deviceDescription() == description  # asked once
+
+
+def test_a_slicer_packaging_without_pip_ensure_is_not_used(logic, monkeypatch):
+    """Some development builds of Slicer had a slicer.packaging with pip_install only."""
+    without = types.ModuleType("slicer.packaging")
+    without.pip_install = lambda arguments: None
+    monkeypatch.setitem(sys.modules, "slicer.packaging", without)
+    monkeypatch.setitem(sys.modules, "slicer.pydeps", None)  # None: the import fails
+    assert logic._slicerPackaging() is None
+    without.pip_ensure = lambda requirements, **options: None
+    assert logic._slicerPackaging() is without
 
 
 @pytest.mark.parametrize("outcome", ["declined", "pip failed"])

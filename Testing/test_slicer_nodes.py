@@ -26,10 +26,10 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
 from CycleINRLib import geometry  # noqa: E402
-from CycleINRLib.errors import InputError  # noqa: E402
+from CycleINRLib.errors import InputError, UpsampleCancelled, UpsampleFailed  # noqa: E402
 from CycleINRSlicerLib.job import FOLDER_PREFIX, UpsampleJob, describeOutputGrid  # noqa: E402
 from CycleINRSlicerLib.node_io import arrayFromVolumeNode, ijkToRas  # noqa: E402
-from CycleINRSlicerLib.process import UpsampleCancelled, UpsampleFailed, UpsampleOptions  # noqa: E402
+from CycleINRSlicerLib.process import UpsampleOptions  # noqa: E402
 
 MR_OBLIQUE = "demo/pgbm-001_brain_mr_t1post_6.5mm.nii.gz"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -191,6 +191,10 @@ def test_the_readout_states_spacing_slices_and_size():
         describeOutputGrid((10, 20, 30), (1.0, 1.0, 3.0), 4, factor=1.0)
     with pytest.raises(InputError):
         describeOutputGrid((10, 20, 30), (1.0, 1.0, 3.0), 4, targetSpacing=5.0)
+    # what Apply would refuse does not enable it: a single slice, an empty image
+    for size, message in [((4, 4, 1), "image of size 4x4x1 is 2D (a single slice)"), ((0, 0, 0), "image of size 0x0x0 is empty")]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            describeOutputGrid(size, (1.0, 1.0, 3.0), 2, factor=2.0)
 
 
 def test_noise_levels_of_input_and_output_become_a_plot(oblique_mr, scene, temp_folders):
@@ -247,6 +251,8 @@ def test_requests_that_would_fail_later_are_refused_before_anything_is_written(o
         (oblique_mr, UpsampleOptions(factor=2.0, spacing=2.0), None, "give either an upsampling factor or"),
         (oblique_mr, UpsampleOptions(factor=2.0, device="tpu"), None, "device must be one of"),
         (oblique_mr, UpsampleOptions(factor=2.0, maxMemoryGB=-1.0), None, "maxMemoryGB must be a positive number"),
+        (oblique_mr, UpsampleOptions(factor=2.0, weights="/no/such/mr.safetensors"), None,
+         "/no/such/mr.safetensors: weights file not found"),
         (oblique_mr, UpsampleOptions(spacing="2"), None, "spacing must be a number, not '2'"),
         (oblique_mr, UpsampleOptions(factor=2.0, maxMemoryGB="2"), None, "maxMemoryGB must be a number, not '2'"),
         (oblique_mr, UpsampleOptions(factor=2.0, axis=2.0), None, "axis must be None, 0, 1 or 2, not 2.0"),
@@ -355,3 +361,13 @@ def test_the_output_records_the_axis_that_was_upsampled(oblique_mr, scene, temp_
     assert output.GetImageData().GetDimensions()[0] == geometry.output_slice_count(40, 2.0)
     assert upsampledAxis(oblique_mr, output) == 0 and upsampledAxis(oblique_mr, output, 1) == 1
     assert upsampledAxis(oblique_mr, None) == 2  # the coarsest, as a run with axis None picks
+
+
+def test_a_new_output_goes_where_the_input_is_in_the_data_module(oblique_mr, scene, temp_folders):
+    """A DICOM volume sits in its patient's study; its result belongs there, not at the top."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "study")
+    # slicer-core has no subject hierarchy logic to make items for nodes, as Slicer's does
+    hierarchy.CreateItem(study, oblique_mr)
+    output = job(oblique_mr, temp_folders, factor=2.0).wait()
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(output)) == study

@@ -72,6 +72,15 @@ def test_the_top_level_cmake_is_a_slicer_extension():
     assert re.search(r'MINIMUM_SLICER_VERSION "5\.4"', text)
 
 
+def test_links_into_the_readme_name_one_of_its_headings():
+    """The module's help and the extension's homepage point users at README sections."""
+    headings = re.findall(r"^#+ (.+)$", (REPOSITORY / "README.md").read_text(), re.M)
+    anchors = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}  # GitHub's slugs
+    links = [anchor for path in ("CMakeLists.txt", "CycleINR/CycleINR.py")
+             for anchor in re.findall(r"github\.com/cycleinr/CycleINR#([\w-]+)", (REPOSITORY / path).read_text())]
+    assert links and set(links) <= anchors, set(links) - anchors
+
+
 @pytest.mark.parametrize("path", ["CycleINR.png", "CycleINR/Resources/Icons/CycleINR.png"])
 def test_the_icon_is_a_real_128_pixel_picture(path):
     image = Image.open(REPOSITORY / path).convert("RGBA")

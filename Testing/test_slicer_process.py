@@ -15,14 +15,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
 from CycleINRLib import geometry  # noqa: E402
+from CycleINRLib.errors import UpsampleCancelled, UpsampleFailed  # noqa: E402
+from CycleINRSlicerLib import findLibraryParent  # noqa: E402
 from CycleINRSlicerLib.process import (  # noqa: E402
     EXIT_BAD_INPUT,
-    UpsampleCancelled,
-    UpsampleFailed,
     UpsampleOptions,
     UpsampleProcess,
-    findLibraryParent,
     parseLine,
+    probeDevices,
     upsampleCommand,
 )
 
@@ -127,7 +127,7 @@ def test_cancel_through_a_launcher_stops_its_child_too(shared_data, tmp_path):
 
 SLICER_THAT_CRASHES = """
 import os, sys, time
-sys.path.insert(0, sys.argv[3])
+sys.path[:0] = [sys.argv[3], sys.argv[4]]
 from CycleINRSlicerLib.process import UpsampleOptions, UpsampleProcess, upsampleCommand
 process = UpsampleProcess(upsampleCommand(sys.executable, sys.argv[1], sys.argv[2], UpsampleOptions(factor=3.0, device="cpu")),
                           sys.argv[4])
@@ -215,5 +215,20 @@ def test_the_library_is_found_in_a_checkout_and_next_to_an_installed_module(tmp_
     assert findLibraryParent(tmp_path) == tmp_path
     elsewhere = tmp_path / "elsewhere" / "CycleINR"
     elsewhere.mkdir(parents=True)
-    with pytest.raises(UpsampleFailed, match="CycleINRLib package was found neither"):
+    with pytest.raises(ImportError, match="CycleINRLib package was found neither"):
         findLibraryParent(elsewhere)
+
+
+def test_the_device_check_answers_or_says_why_not(tmp_path):
+    """What the panel shows about GPUs comes from a process of Slicer's Python."""
+    import torch
+
+    facts = probeDevices(sys.executable)
+    assert facts["torch"] == torch.__version__ and facts["cudaBuild"] == torch.version.cuda
+    assert (facts["cudaDevice"] is not None) == torch.cuda.is_available()
+    withoutTorch = tmp_path / "python-without-torch"
+    withoutTorch.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    withoutTorch.chmod(0o755)
+    if os.name == "posix":
+        assert probeDevices(withoutTorch) == {"error": "ModuleNotFoundError: No module named 'torch'"}
+    assert "cannot be run" in probeDevices(tmp_path / "no-such-python")["error"]

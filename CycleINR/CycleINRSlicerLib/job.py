@@ -14,20 +14,19 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from CycleINRLib import geometry
-from CycleINRLib.config import DEVICES as LIBRARY_DEVICES
-from CycleINRLib.errors import InputError
+from CycleINRLib.config import DEVICES
+from CycleINRLib.errors import InputError, UpsampleCancelled, UpsampleFailed
 from CycleINRLib.io import Volume, validate_volume
-from .node_io import (alignAxes, arrayFromVolumeNode, copyDisplay, ijkToRas, readVolumeFile, replaceVolume, restoreVolume,
-                      snapshotVolume, writeVolumeNode)
-from .process import ProgressCallback, UpsampleCancelled, UpsampleFailed, UpsampleOptions, UpsampleProcess, upsampleCommand
+from .node_io import (alignAxes, arrayFromVolumeNode, copyDisplay, ijkToRas, placeBeside, readVolumeFile, replaceVolume,
+                      restoreVolume, snapshotVolume, writeVolumeNode)
+from .process import ProgressCallback, UpsampleOptions, UpsampleProcess, upsampleCommand
 
 AXIS_NAMES = ("I", "J", "K")
-DEVICES = (*LIBRARY_DEVICES, "gpu")  # gpu: the logic resolves it to cuda or mps
 SLICE_AXIS_ATTRIBUTE = "CycleINR.sliceAxis"  # on the output node: the IJK axis that was upsampled
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 FOLDER_PREFIX = "CycleINR-run-{pid}-"  # the pid of the Slicer that owns the folder
@@ -101,6 +100,8 @@ def _checkOptions(options: UpsampleOptions) -> None:
         raise InputError(f"device must be one of {', '.join(DEVICES)}, not {options.device!r}")
     if options.maxMemoryGB is not None and not 0 < options.maxMemoryGB < math.inf:
         raise InputError(f"maxMemoryGB must be a positive number, not {options.maxMemoryGB!r}")
+    if options.weights and not os.path.isfile(options.weights):
+        raise InputError(f"{options.weights}: weights file not found")
 
 
 def upsampledAxis(inputNode, outputNode, axis=None) -> int:
@@ -175,12 +176,12 @@ class UpsampleJob:
         finally:
             self.cleanup()
 
-    def wait(self, progressCallback: Optional[ProgressCallback] = None):
-        """Run to the end, blocking; returns the output node or raises."""
+    def wait(self, progressCallback: Optional[ProgressCallback] = None, idle: Optional[Callable[[], None]] = None):
+        """Run to the end, blocking (`idle` is called between polls); returns the output node or raises."""
         try:
             if self.process is None:
                 self.start()  # writing the input takes seconds for a large volume: Ctrl-C may land there
-            self.process.wait(progressCallback)
+            self.process.wait(progressCallback, idle=idle)
         except KeyboardInterrupt:  # Ctrl-C in Slicer's console: the process is stopped
             self.cleanup()
             raise UpsampleCancelled("upsampling was cancelled; nothing was written") from None
@@ -221,6 +222,7 @@ class UpsampleJob:
             if node is None:
                 node = scene.AddNewNodeByClass(SCALAR_VOLUME_CLASS,
                                                scene.GenerateUniqueName(outputName(self.inputNode, self.options)))
+                placeBeside(node, self.inputNode)
             replaceVolume(node, result)
             node.SetAttribute(SLICE_AXIS_ATTRIBUTE, str(geometry.slice_axis(tuple(self.inputNode.GetSpacing()), self.options.axis)))
             node.SetAndObserveTransformNodeID(self.inputNode.GetTransformNodeID())
@@ -292,7 +294,11 @@ def factorLabel(factor: float) -> str:
 
 
 def describeOutputGrid(size, spacing, bytesPerVoxel: int, axis=None, factor=None, targetSpacing=None) -> str:
-    """The panel's live readout of what Apply will produce; raises InputError for bad settings."""
+    """The panel's live readout of what Apply will produce; raises InputError for bad settings
+    and for an image Apply would refuse for its size (the rest of the checks read every voxel)."""
+    if min(size) < 2:
+        raise InputError(f"image of size {'x'.join(str(n) for n in size)} is {'empty' if min(size) < 1 else '2D (a single slice)'}; "
+                         "a 3D volume is needed")
     axis = geometry.slice_axis(tuple(spacing), axis)
     if factor is None:
         factor = geometry.factor_for_spacing(spacing[axis], targetSpacing)

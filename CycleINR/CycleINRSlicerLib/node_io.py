@@ -113,3 +113,18 @@ def ijkToRas(volumeNode) -> np.ndarray:
     """The node's 4x4 IJK-to-RAS matrix (without parent transforms)."""
     matrix = _matrix(volumeNode)
     return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def placeBeside(node, referenceNode) -> None:
+    """In the Data module, put `node` where `referenceNode` is (a DICOM volume's study), not at
+    the top of the scene."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    reference = hierarchy.GetItemByDataNode(referenceNode)
+    if not reference:
+        return
+    parent = hierarchy.GetItemParent(reference)
+    item = hierarchy.GetItemByDataNode(node)
+    if item:  # Slicer's subject hierarchy logic made one when the node was added
+        hierarchy.SetItemParent(item, parent)
+    else:
+        hierarchy.CreateItem(parent, node)

@@ -1,8 +1,8 @@
 """Drives `cycleinr upsample --json-progress` in a separate process.
 
 The model runs outside Slicer so that an out-of-memory kill or a crash in torch cannot take
-the application and the user's scene down. This file needs only the standard library: the
-blocking scripting call and the panel's timer both use `UpsampleProcess`, and pytest runs
+the application and the user's scene down. This file needs only the standard library and
+CycleINRLib's exceptions (no torch, no numpy): the blocking scripting call and the panel's timer both use `UpsampleProcess`, and pytest runs
 it against the real command line.
 
 Slicer's `PythonSlicer` is a launcher that runs the real interpreter as its child and does not
@@ -20,30 +20,32 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
+
+from CycleINRLib.errors import UpsampleCancelled, UpsampleFailed
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 CANCEL_GRACE_SECONDS = 10.0  # after SIGTERM, before the process is killed outright
 STDERR_TAIL_LINES = 40
 HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)  # Windows has no SIGKILL; its group kill is hard anyway
+DEVICE_PROBE_TIMEOUT_SECONDS = 120.0  # a first import of torch with CUDA can take a minute on a cold disk
+# Run in Slicer's Python as a process of its own: importing torch and CUDA into Slicer itself
+# would stall the GUI for seconds and keep GPU memory that the runs need.
+DEVICE_PROBE = """import json, torch
+cuda = torch.cuda.is_available()
+mps = getattr(torch.backends, "mps", None)
+print(json.dumps({"torch": torch.__version__, "cudaBuild": torch.version.cuda,
+                  "cudaDevice": torch.cuda.get_device_name(0) if cuda else None,
+                  "mps": bool(mps is not None and mps.is_available())}))
+"""
 OUT_OF_MEMORY_HINT = ("the system ends processes this way when memory runs out; try a smaller memory budget "
                       "or the CPU")
 
+# Windows: no console window for PythonSlicer, as slicer.util.launchConsoleProcess does
+NO_WINDOW = {} if os.name == "posix" else {"creationflags": subprocess.CREATE_NO_WINDOW}
+
 ProgressCallback = Callable[[float, str], None]
-
-
-class UpsampleFailed(RuntimeError):
-    """The upsampling did not produce an output; `details` holds what the process printed."""
-
-    def __init__(self, message: str, details: str = ""):
-        super().__init__(message)
-        self.details = details
-
-
-class UpsampleCancelled(RuntimeError):
-    """The user cancelled; nothing was written and the scene is unchanged."""
 
 
 @dataclass
@@ -60,6 +62,7 @@ class UpsampleOptions:
     matchNoise: bool = False  # synthetic noise in generated slices up to the acquired slices' level
     flipEnsemble: bool = False  # average with a pass over the slice-reversed volume (twice the time)
     bf16: bool = False  # bfloat16 arithmetic: 1.7 to 1.9 times faster on a CPU with AMX, PSNR within 0.01 dB
+    noiseReport: bool = False  # the process measures every slice's noise (the panel's chart), not Slicer's GUI thread
 
     def arguments(self) -> list:
         if (self.factor is None) == (self.spacing is None):
@@ -79,21 +82,46 @@ class UpsampleOptions:
             arguments.append("--flip-ensemble")
         if self.bf16:
             arguments.append("--bf16")
+        if self.noiseReport:
+            arguments.append("--noise-report")
         return arguments
 
 
-def findLibraryParent(moduleDir) -> Path:
-    """The folder that holds the CycleINRLib package.
+def probeDevices(python, timeout: float = DEVICE_PROBE_TIMEOUT_SECONDS) -> dict:
+    """What PyTorch finds, asked of `python` in a separate process: {"torch", "cudaBuild",
+    "cudaDevice", "mps"}, or {"error": the reason} when it cannot tell."""
+    try:
+        done = subprocess.run([str(python), "-c", DEVICE_PROBE], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, encoding="utf-8", errors="replace", timeout=timeout, **NO_WINDOW)
+    except subprocess.TimeoutExpired:
+        return {"error": f"PyTorch did not answer within {timeout:g} s"}
+    except OSError as error:
+        return {"error": f"{python} cannot be run: {error.strerror or error}"}
+    lines = done.stdout.strip().splitlines()
+    try:
+        facts = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+    except ValueError:
+        facts = None
+    if not isinstance(facts, dict):
+        lastLine = next((line.strip() for line in reversed(done.stderr.splitlines()) if line.strip()), "")
+        return {"error": lastLine or f"the check exited with code {done.returncode}"}
+    return facts
 
-    Installed extension: next to the module script; source checkout (module path added in
-    Application Settings): the repository root, one level up.
-    """
-    moduleDir = Path(moduleDir).resolve()
-    for candidate in (moduleDir, moduleDir.parent):
-        if (candidate / "CycleINRLib" / "__init__.py").is_file():
-            return candidate
-    raise UpsampleFailed(f"the CycleINRLib package was found neither in {moduleDir} nor in {moduleDir.parent}; "
-                         "reinstall the CycleINR extension")
+
+class DeviceProbe:
+    """`probeDevices` on a thread of its own, so that the panel can poll it from a timer."""
+
+    def __init__(self, python):
+        self._facts = None
+        self._thread = threading.Thread(target=self._run, args=(python,), daemon=True)
+        self._thread.start()
+
+    def _run(self, python) -> None:
+        self._facts = probeDevices(python)
+
+    def result(self) -> Optional[dict]:
+        """The facts once the check has finished, None while it runs."""
+        return None if self._thread.is_alive() else self._facts
 
 
 def upsampleCommand(python, inputPath, outputPath, options: UpsampleOptions) -> list:
@@ -136,7 +164,6 @@ class UpsampleProcess:
 
     def start(self) -> None:
         logging.info("Running: %s", subprocess.list2cmdline(self.command))
-        # Windows: no console window for PythonSlicer, as slicer.util.launchConsoleProcess does
         ownGroup = {"start_new_session": True} if os.name == "posix" \
             else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
         self._process = subprocess.Popen(
@@ -227,14 +254,18 @@ class UpsampleProcess:
         self._killDeadline = time.monotonic() + CANCEL_GRACE_SECONDS
         self._signalGroup(signal.SIGTERM)
 
-    def wait(self, progressCallback: Optional[ProgressCallback] = None, interval: float = 0.1) -> dict:
-        """Block until the process ends; returns the "done" event or raises."""
+    def wait(self, progressCallback: Optional[ProgressCallback] = None, interval: float = 0.1,
+             idle: Optional[Callable[[], None]] = None) -> dict:
+        """Block until the process ends; returns the "done" event or raises. `idle` is called
+        between polls (Slicer's processEvents, so that the console shows the progress lines)."""
         try:
             while not self.finished:
                 for event in self.poll():
                     if progressCallback is not None and event["event"] in ("progress", "done"):
                         # this event's own state: a poll may have read several
                         progressCallback(float(event.get("fraction", 1.0)), str(event.get("message", "done")))
+                if idle is not None:
+                    idle()
                 time.sleep(interval)
         except BaseException:
             self.stop()

@@ -1,7 +1,9 @@
 """Slice-consistency results: SNLI and per-slice noise levels of input and output, as a plot.
 
-Computed in Slicer's process on the node arrays with CycleINRLib.metrics; the tables and
-the chart are plain MRML nodes, so Slicer's Plots module shows them and pytest can check them.
+The panel takes the levels that its run's process measured (`cycleinr upsample --noise-report`),
+so that no slice is measured on Slicer's GUI thread; the scripting call measures the node arrays
+with CycleINRLib.metrics. The tables and the chart are plain MRML nodes, so Slicer's Plots module
+shows them and pytest can check them.
 """
 
 from dataclasses import dataclass
@@ -41,6 +43,16 @@ def noiseLevels(volumeNode, axis: int) -> NoiseLevels:
     array = arrayFromVolumeNode(volumeNode)  # (k, j, i): numpy axis = 2 - IJK axis
     return NoiseLevels(volumeNode.GetName(), np.asarray(metrics.slice_noise_levels(array, 2 - axis), dtype=float),
                        float(volumeNode.GetSpacing()[axis]))
+
+
+def reportedLevels(volumeNode, axis: int, report: dict) -> NoiseLevels:
+    """The levels a run's process measured for `volumeNode` (its `noise` report's "input" or
+    "output" entry); ValueError if they do not fit the node's slices along `axis`."""
+    levels = np.asarray(report["levels"], dtype=float)
+    slices = volumeNode.GetImageData().GetDimensions()[axis]
+    if levels.shape != (slices,):
+        raise ValueError(f"{levels.size} noise levels reported for the {slices} slices of '{volumeNode.GetName()}'")
+    return NoiseLevels(volumeNode.GetName(), levels, float(volumeNode.GetSpacing()[axis]))
 
 
 def summary(inputLevels: NoiseLevels, outputLevels: NoiseLevels) -> str:
