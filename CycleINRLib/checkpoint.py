@@ -127,6 +127,11 @@ def _check_tensors(path: Path, model: CycleINR, tensors: dict) -> None:
         problems.append(f"shape mismatch for {name}: file {tuple(tensors[name].shape)}, model {tuple(expected[name].shape)}")
     if problems:
         raise WeightsError(f"{path}: weights do not match their configuration: " + "; ".join(problems))
+    if damaged := nonfinite_tensors(tensors):  # they would upsample to NaN, or to zeros once cast to an integer pixel type
+        raise WeightsError(f"{path}: weights hold {damaged}")
+
+
+def nonfinite_tensors(tensors: dict) -> str:
+    """'NaN or infinite values (N tensors, e.g. NAME)', or '' when every float tensor is finite."""
     damaged = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if damaged:  # they would upsample to NaN, or to zeros once cast to an integer pixel type
-        raise WeightsError(f"{path}: weights hold NaN or infinite values ({len(damaged)} tensors, e.g. {damaged[0]})")
+    return f"NaN or infinite values ({len(damaged)} tensors, e.g. {damaged[0]})" if damaged else ""

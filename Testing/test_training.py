@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from CycleINRLib.checkpoint import load_model, save_model  # noqa: E402
+from CycleINRLib.checkpoint import load_model, nonfinite_tensors, save_model  # noqa: E402
 from CycleINRLib.config import NAMED_CONFIGS, Normalization  # noqa: E402
 from CycleINRLib.degrade import degrade, degrade_at  # noqa: E402
 from CycleINRLib.evaluate import evaluate_volume, make_methods, parse_case  # noqa: E402
@@ -34,7 +34,7 @@ from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
 from Training.error_by_band import band_errors, markdown, windowed_method  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
-from Training.train import ResumeError, check_resumable, train, train_step  # noqa: E402
+from Training.train import ResumeError, check_restorable, check_resumable, train, train_step  # noqa: E402
 from conftest import DEVICES, NEEDS_CUDA, write_dicom_series  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -332,9 +332,16 @@ def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp
     config = small_config(crops, run)  # checkpoints at steps 3 and 6
     _, history = train(config)
     intact = json.loads((run / "step-0000006.json").read_text())
-    hand_edits = {"not a readable checkpoint": '{"step": 6, "config": {',  # not JSON any more
-                  "does not restore": json.dumps({**intact, "optimizer": {"param_groups": []}})}  # JSON, wrong state
-    for message, text in hand_edits.items():
+    groups = intact["optimizer"]["param_groups"]
+    hand_edits = [("not a readable checkpoint", '{"step": 6, "config": {'),  # not JSON any more
+                  ("does not restore", json.dumps({**intact, "optimizer": {"param_groups": []}})),  # JSON, wrong state
+                  (r"does not restore \(step 4 is not the 6 of its file name\)", json.dumps({**intact, "step": 4})),
+                  (r"does not restore \(step True is not the 6", json.dumps({**intact, "step": True})),
+                  (r"does not restore \(metrics.wall_seconds is not a number\)",
+                   json.dumps({**intact, "metrics": {**intact["metrics"], "wall_seconds": "x"}})),
+                  (r"does not restore \(optimizer.param_groups\[0\].lr is not a number\)",
+                   json.dumps({**intact, "optimizer": {**intact["optimizer"], "param_groups": [{**groups[0], "lr": "abc"}]}}))]
+    for message, text in hand_edits:
         (run / "step-0000006.json").write_text(text)
         with pytest.warns(checkpointing.CheckpointWarning, match=rf"step-0000006\.json: {message}"):
             _, redone = train(config)
@@ -438,14 +445,47 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
         assert message in refused.stderr
     assert exported.read_bytes() == written and not (tmp_path / "x.pt").exists()
     tensors = checkpoint.with_suffix(".safetensors")
-    refused = subprocess.run(exporter + [str(checkpoint), "--output", str(tensors), "--overwrite"], capture_output=True,
-                             text=True, timeout=300)
-    assert refused.returncode == 2 and "holds the checkpoint's own tensors" in refused.stderr
+    for overwrite in ([], ["--overwrite"]):  # not "pass --overwrite", which would be refused all the same
+        refused = subprocess.run(exporter + [str(checkpoint), "--output", str(tensors), *overwrite], capture_output=True,
+                                 text=True, timeout=300)
+        assert refused.returncode == 2 and "holds the checkpoint's own tensors" in refused.stderr
     assert checkpointing.read_checkpoint(checkpoint)  # still a checkpoint
     replaced = subprocess.run(exporter + [str(checkpoint), "--output", str(exported), "--overwrite", "--data-note", "again"],
                               capture_output=True, text=True, timeout=300)
     assert replaced.returncode == 0, replaced.stderr
     assert load_model(exported)[1].provenance["data_note"] == "again"
+
+
+def test_a_run_that_diverges_stops_in_one_line_and_keeps_its_finite_checkpoints(crops, tmp_path):
+    """A NaN gradient would make every later checkpoint NaN and prune the good ones, and an
+    export of them a weights file that `cycleinr` refuses."""
+    run = tmp_path / "run"
+    config = small_config(crops, run, lr=1e30)
+    config.run.checkpoint_every = 1
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    stopped = re.search(r"^train\.py: error: the gradient norm became (nan|inf) at step (\d+) \(optim\.lr 1e\+30\); "
+                        r"(.+) holds the last weights: train again with a lower optim\.lr in a new run\.out_dir$",
+                        result.stderr, re.M)
+    assert stopped, result.stderr
+    checkpoints = checkpointing.list_checkpoints(run)
+    assert stopped.group(3) == str(checkpoints[-1]) and checkpointing.checkpoint_step(checkpoints[-1]) == int(stopped.group(2)) - 1
+    for path in checkpoints:
+        assert not nonfinite_tensors(checkpointing.model_tensors(checkpointing.read_checkpoint(path)[1]))
+
+    # a checkpoint with NaN weights (a run that diverged before the stop): neither exported nor resumed from
+    description, tensors = checkpointing.read_checkpoint(checkpoints[-1])
+    damaged = run / "step-0000099.json"
+    save_file({**tensors, "model.decoder.output.bias": torch.full_like(tensors["model.decoder.output.bias"], float("nan"))},
+              str(damaged.with_suffix(".safetensors")))
+    damaged.write_text(json.dumps({**description, "step": 99}))
+    with pytest.raises(ValueError, match=r"step-0000099\.json: its weights hold NaN or infinite values \(1 tensors"):
+        export(damaged, tmp_path / "nan.safetensors")
+    with pytest.raises(checkpointing.CheckpointError, match="does not restore \\(its weights hold NaN"):
+        check_restorable(damaged, *checkpointing.read_checkpoint(damaged))
 
 
 def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_path):
@@ -661,7 +701,14 @@ def test_overrides_are_read_as_their_setting_s_type():
                               ("data.degradations={interval: 0, thick: 0}", "degradations must give some of"),
                               ("data.workers=-1", "workers >= 0 are needed"),
                               ("data.batches_per_epoch=0", "batches_per_epoch >= 1"),
-                              ("run.device=foo", "device must be one of auto, cpu, cuda, mps, not 'foo'"),
+                              ("run.device=foo", "device must be one of auto, cpu, cuda, mps, gpu, not 'foo'"),
+                              ("run.val_cases=[]", 'val_cases must name at least one case, e.g. ["2:2"]'),
+                              ("optim.seed=-1", "seed must be a whole number in [0, 2^32), not -1"),
+                              ("optim.seed=4294967296", "seed must be a whole number in [0, 2^32)"),
+                              ("data.scale_max=.inf", "need finite 1 < scale_min <= scale_max, not 2.0 and inf"),
+                              ("data.scale_min=2.05", "scale_min and scale_max must be whole tenths"),
+                              ("data.degradations.thick=0.5", "data.degradations.thick=0.5: set a mapping whole, "
+                                                              "e.g. data.degradations={thick: 0.5, ...}"),
                               ("run.threads=-1", "threads must be >= 0"),
                               ("run.val_cases=[abc]", "val_cases: case 'abc' must be k:r"),
                               ("run.val_cases=[5:5]", 'val_cases: write each case in quotes, e.g. "5:5" (YAML reads '
@@ -692,6 +739,33 @@ def test_one_volume_file_is_a_training_set(crops):
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
     listing.write_text(f"{crops.name}/a.nii.gz\r\n", encoding="utf-8-sig")  # Notepad's BOM and line ends
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
+
+
+def test_a_broken_link_or_a_volume_listed_twice_is_said(crops, tmp_path):
+    """Never silently: a link to a volume that has moved, a list that names one volume twice."""
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / "a.nii.gz").symlink_to(crops / "a.nii.gz")
+    (folder / "moved.nii.gz").symlink_to(tmp_path / "elsewhere.nii.gz")
+    with pytest.warns(data.TrainingDataWarning, match=r"moved\.nii\.gz: a link to .*elsewhere\.nii\.gz, which is not there"):
+        assert data.volume_paths(folder) == [folder / "a.nii.gz"]
+    listing = crops.parent / "twice.txt"
+    listing.write_text(f"{crops.name}/a.nii.gz\n{crops.name}/b.nii.gz\n./{crops.name}/a.nii.gz\n")
+    with pytest.warns(data.TrainingDataWarning, match=rf"\./{crops.name}/a\.nii\.gz is listed twice; reading it once"):
+        assert data.volume_paths(listing) == [crops / "a.nii.gz", crops / "b.nii.gz"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is there")
+def test_a_device_that_is_not_there_is_one_line(crops, tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(small_config(crops, tmp_path / "run").to_dict()))
+    message = "device gpu requested but torch finds no CUDA or Apple MPS GPU; use cpu or auto"
+    for script, items in (("train.py", []), ("score_weights.py", [str(REPOSITORY / "CycleINRLib" / "weights" / "cycleinr_ct.safetensors"),
+                                                                  "data.val=unused"])):
+        result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / script), "--config", str(config_file),
+                                 *items, "run.device=gpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"{script}: error: {message}"], result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_padding_outside_the_field_of_view_trains_as_air(crops, tmp_path):

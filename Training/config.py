@@ -36,8 +36,11 @@ class DataConfig:
     workers: int = 2
 
     def __post_init__(self):
-        if not 1.0 < self.scale_min <= self.scale_max:
-            raise ValueError("need 1 < scale_min <= scale_max")
+        if not (_finite(self.scale_min) and _finite(self.scale_max) and 1.0 < self.scale_min <= self.scale_max):
+            raise ValueError(f"need finite 1 < scale_min <= scale_max, not {self.scale_min} and {self.scale_max}")
+        if any(abs(scale * 10 - round(scale * 10)) > 1e-6 for scale in (self.scale_min, self.scale_max)):
+            raise ValueError("scale_min and scale_max must be whole tenths (scales are drawn with one decimal, as in "
+                             f"the paper), not {self.scale_min} and {self.scale_max}")
         weights = self.degradations.values()
         if (set(self.degradations) - set(DEGRADATIONS) or not all(_finite(w) and w >= 0 for w in weights)
                 or not sum(weights) > 0):
@@ -79,6 +82,8 @@ class OptimConfig:
                 raise ValueError(f"{name} must be finite and >= 0, not {getattr(self, name)}")
         if self.pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"pixel_loss must be one of {sorted(PIXEL_LOSSES)}, not {self.pixel_loss!r}")
+        if not 0 <= self.seed < MAX_SEED:  # it and seed + epoch seed numpy and torch generators
+            raise ValueError(f"seed must be a whole number in [0, 2^32), not {self.seed}")
 
     def autocast(self, device_type: str) -> bool:
         """Whether steps on `device_type` run under bfloat16 autocast."""
@@ -110,6 +115,8 @@ class RunConfig:
                 isinstance(n, int) and not isinstance(n, bool) and n >= MIN_VAL_CROP for n in self.val_crop)):
             raise ValueError(f"val_crop must be null or 3 whole numbers >= {MIN_VAL_CROP} (slices, rows, columns), "
                              f"not {self.val_crop}")
+        if not self.val_cases:
+            raise ValueError('val_cases must name at least one case, e.g. ["2:2"]')
         for case in self.val_cases:
             if isinstance(case, int):  # YAML 1.1 reads an unquoted 5:5 as the base-60 number 305
                 raise ValueError(f'val_cases: write each case in quotes, e.g. "5:5" (YAML reads one unquoted as the '
@@ -121,6 +128,7 @@ class RunConfig:
 
 
 MIN_VAL_CROP = 8  # SSIM's 7 x 7 window needs that much in-plane; fewer slices fail a case's own check
+MAX_SEED = 2**32
 
 
 def _finite(value) -> bool:
@@ -223,6 +231,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             target = target[parent]
             if not isinstance(target, dict):
                 raise ValueError(f"{item}: {parent} is a setting, not a section")
+        if len(parents) > 1:  # data.degradations.thick=0.5 would replace the whole mapping, defaults and all
+            raise ValueError(f"{item}: set a mapping whole, e.g. {'.'.join(parents)}={{{leaf}: {raw}, ...}}")
         target[leaf] = _yaml(raw, item)
     return TrainConfig.from_dict(values)
 

@@ -8,6 +8,7 @@ the uninterrupted run would have, and DDP ranks draw disjoint ones through Distr
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,10 @@ def volume_paths(source: str | Path) -> list[Path]:
     """Files of a folder (known suffixes), one volume file, or the lines of a list file, relative to it."""
     source = Path(source)
     if source.is_dir():
+        for link in sorted(source.iterdir()):
+            if link.is_symlink() and not link.exists() and link.name.lower().endswith(VOLUME_SUFFIXES):
+                warnings.warn(f"skipping {link}: a link to {os.readlink(link)}, which is not there",
+                              TrainingDataWarning, stacklevel=2)
         return volume_files(source)
     if source.is_file() and source.name.lower().endswith(VOLUME_SUFFIXES):
         return [source]
@@ -67,7 +72,14 @@ def volume_paths(source: str | Path) -> list[Path]:
         except (OSError, UnicodeDecodeError):
             raise DataSourceError(f"{source}: neither a volume file ({', '.join(VOLUME_SUFFIXES)}) "
                                   "nor a text file listing volumes") from None
-        return [(source.parent / line) for line in lines if line and not line.startswith("#")]
+        listed = {}
+        for line in lines:
+            if line and not line.startswith("#"):
+                path = source.parent / line
+                if path.resolve() in listed:
+                    warnings.warn(f"{source}: {line} is listed twice; reading it once", TrainingDataWarning, stacklevel=2)
+                listed.setdefault(path.resolve(), path)
+        return list(listed.values())
     raise DataSourceError(f"{source}: no such folder, volume file or list file")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, save_model
+from CycleINRLib.checkpoint import DEFAULT_WEIGHTS, nonfinite_tensors, save_model
 from CycleINRLib.io import check_output_path
 from CycleINRLib.models import CycleINR
 from Training.checkpointing import model_tensors, read_checkpoint
@@ -33,6 +33,8 @@ def model_from_checkpoint(checkpoint: Path) -> tuple[CycleINR, TrainConfig, dict
         model.load_state_dict(model_tensors(tensors))
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ValueError(f"{checkpoint}: not a readable training checkpoint ({error})") from None
+    if damaged := nonfinite_tensors(model_tensors(tensors)):  # a diverged run's: `cycleinr` would refuse the file
+        raise ValueError(f"{checkpoint}: its weights hold {damaged}; take an earlier checkpoint")
     return model, config, description
 
 
@@ -57,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
     try:
+        if args.output.resolve() == args.checkpoint.with_suffix(".safetensors").resolve():  # before "pass --overwrite"
+            raise ValueError(f"{args.output}: holds the checkpoint's own tensors; write the weights to another file")
         output = check_output_path(args.output, args.overwrite, suffixes=(".safetensors",))
-        if output.exists() and output.resolve() == args.checkpoint.with_suffix(".safetensors").resolve():
-            raise ValueError(f"{output}: holds the checkpoint's own tensors; write the weights to another file")
         print(f"wrote {export(args.checkpoint, output, args.data_note)}")
     except (ValueError, OSError) as error:  # OSError: --output cannot be written
         parser.exit(2, f"{parser.prog}: error: {error}\n")

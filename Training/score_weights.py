@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {args.config} names no validation data (data.val)\n")
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    device = resolve_device(config.run.device)
+    try:
+        device = resolve_device(config.run.device)
+    except InputError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     rows, validation_sets = {}, {}  # the validation volumes are read once per normalization
     for path in weights:
         try:

@@ -30,8 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from CycleINRLib.checkpoint import load_model, save_model
+from CycleINRLib.checkpoint import load_model, nonfinite_tensors, save_model
 from CycleINRLib.engine import resolve_device
+from CycleINRLib.errors import InputError
 from CycleINRLib.models import CycleINR
 from Training import checkpointing, data, losses
 from Training.config import OptimConfig, TrainConfig, load_config_or_exit
@@ -44,6 +45,11 @@ RANKS_WAIT_FOR_VALIDATION = timedelta(hours=2)
 
 class ResumeError(ValueError):
     """run.out_dir holds checkpoints of a run that this command's settings would not continue."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The gradient became NaN or infinite: the step is not taken and nothing more is saved,
+    so the checkpoints hold the last finite weights."""
 
 
 def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
@@ -128,7 +134,13 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     bar = tqdm(total=config.optim.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < config.optim.steps:
         step_batches = [next(batches) for _ in range(config.optim.accumulate)]
-        terms, grad_norm = train_step(objective, model, optimizer, step_batches, config.optim, device, amp)
+        try:
+            terms, grad_norm = train_step(objective, model, optimizer, step_batches, config.optim, device, amp)
+        except TrainingDiverged as diverged:
+            newest = checkpointing.list_checkpoints(out_dir)
+            kept = f"{newest[-1]} holds the last weights" if newest else "no checkpoint was written"
+            raise TrainingDiverged(f"{diverged} at step {step + 1} (optim.lr {config.optim.lr:g}); {kept}: train "
+                                   "again with a lower optim.lr in a new run.out_dir") from None
         scheduler.step()
         step += 1
         # "scale": the step's r, or the mean r of its accumulated batches
@@ -183,9 +195,24 @@ def check_restorable(json_path: Path, description: dict, tensors: dict) -> None:
         rng_state = torch.get_rng_state()
         checkpointing.restore(description, tensors, model, optimizer, scheduler)
         torch.set_rng_state(rng_state)
-        names = description["metrics"].get("training_data", [])
+        named = checkpointing.checkpoint_step(json_path)
+        if isinstance(description["step"], bool) or description["step"] != named:
+            raise ValueError(f"step {description['step']!r} is not the {named} of its file name")
+        metrics = description["metrics"]
+        names = metrics.get("training_data", [])
         if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
             raise ValueError("metrics.training_data is not a list of file names")
+        numbers = {"metrics.wall_seconds": metrics.get("wall_seconds", 0.0),
+                   "metrics.best_val_psnr": metrics.get("best_val_psnr", 0.0),
+                   **{f"optimizer.param_groups[{index}].lr": group.get("lr")
+                      for index, group in enumerate(description["optimizer"]["param_groups"])}}
+        if wrong := [name for name, value in numbers.items() if isinstance(value, bool) or not isinstance(value, (int, float))]:
+            raise ValueError(f"{wrong[0]} is not a number")
+        world_size = metrics.get("world_size", 1)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"metrics.world_size {world_size!r} is not a number of processes")
+        if damaged := nonfinite_tensors(checkpointing.model_tensors(tensors)):  # a run that diverged before 2026-11-27
+            raise ValueError(f"its weights hold {damaged}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as error:
         reason = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]  # one line
         raise checkpointing.CheckpointError(f"{json_path}: does not restore ({reason})") from None
@@ -227,6 +254,8 @@ def train_step(objective, model, optimizer, batches: list[dict], optim: OptimCon
             (terms.total / len(batches)).backward()
         step_terms.append(losses.StepLosses(*(term.detach() for term in terms)))
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    if not torch.isfinite(grad_norm):  # the same on every process: the gradients are all-reduced
+        raise TrainingDiverged(f"the gradient norm became {grad_norm.item()}")
     optimizer.step()
     return losses.StepLosses(*(torch.stack(values).mean() for values in zip(*step_terms))), grad_norm
 
@@ -269,8 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:  # "PATH: reason" rather than Python's "[Errno N] reason: 'PATH'"
         reason = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else error
         parser.exit(2, f"{parser.prog}: error: {reason}\n")
-    except (data.DataSourceError, ResumeError, checkpointing.CheckpointError) as error:
+    except (data.DataSourceError, ResumeError, checkpointing.CheckpointError, InputError) as error:  # InputError: run.device
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except TrainingDiverged as error:  # on a line of its own, after the progress bar's
+        parser.exit(1, f"\n{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"\n{parser.prog}: interrupted; the same command resumes from the newest checkpoint in "
                          f"{config.run.out_dir}\n")
