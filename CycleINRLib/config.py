@@ -150,7 +150,9 @@ def typed_setting(name: str, annotation: str, value):
         return int(number)
     if kind in ("str", "bool", "dict", "list") and type(value).__name__ == kind:
         return value
-    raise ValueError(f"{name} must be {_KIND_WORDS[kind]}, not {value!r}")
+    # a folder named 2024, an out_dir named on: YAML reads them as a number or true
+    quote = " (YAML reads it so: write the value in quotes)" if kind == "str" and not isinstance(value, (dict, list)) else ""
+    raise ValueError(f"{name} must be {_KIND_WORDS[kind]}, not {value!r}{quote}")
 
 
 _KIND_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",

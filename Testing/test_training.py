@@ -508,6 +508,9 @@ def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_pat
     other.model_overrides, other.run.init_weights = {"attention": False}, str(start)
     with pytest.raises(ValueError, match="holds a different model"):
         other.__post_init__()
+    other.model_overrides, other.run.init_weights = {}, str(tmp_path / "base" / "step-0000003.json")
+    with pytest.raises(ValueError, match="a training checkpoint: make a weights file of it with Training/export_weights.py"):
+        other.__post_init__()
 
 
 @pytest.mark.parametrize("override, message", [
@@ -536,7 +539,7 @@ def test_train_script_reports_unreadable_data_in_one_line(tmp_path, source, mess
                              str(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml"), f"data.train={tmp_path / source}",
                              f"run.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"train.py: error: {tmp_path / source}: {message}"]
+    assert result.stderr.strip().splitlines() == [f"train.py: error: data.train: {tmp_path / source}: {message}"]
     assert not (tmp_path / "run").exists()
 
 
@@ -703,6 +706,7 @@ def test_overrides_are_read_as_their_setting_s_type():
                               ("data.batches_per_epoch=0", "batches_per_epoch >= 1"),
                               ("run.device=foo", "device must be one of auto, cpu, cuda, mps, gpu, not 'foo'"),
                               ("run.val_cases=[]", 'val_cases must name at least one case, e.g. ["2:2"]'),
+                              ("data.train=2024", "data.train must be text, not 2024 (YAML reads it so: write the value in quotes)"),
                               ("optim.seed=-1", "seed must be a whole number in [0, 2^32), not -1"),
                               ("optim.seed=4294967296", "seed must be a whole number in [0, 2^32)"),
                               ("data.scale_max=.inf", "need finite 1 < scale_min <= scale_max, not 2.0 and inf"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -158,7 +159,10 @@ class TrainConfig:
             try:
                 start = ModelConfig.from_dict(read_description(Path(self.run.init_weights))["config"])
             except WeightsError as error:
-                raise ValueError(f"run.init_weights: {error}") from None
+                checkpoint = re.search(r"step-\d+\.(json|safetensors)$", str(self.run.init_weights)) \
+                    and Path(self.run.init_weights).is_file()
+                hint = "; a training checkpoint: make a weights file of it with Training/export_weights.py" if checkpoint else ""
+                raise ValueError(f"run.init_weights: {error}{hint}") from None
             if start != model_config:
                 raise ValueError(f"run.init_weights {self.run.init_weights} holds a different model than this run's "
                                  f"{self.model!r} with {self.model_overrides or 'no overrides'}")

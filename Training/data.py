@@ -83,6 +83,14 @@ def volume_paths(source: str | Path) -> list[Path]:
     raise DataSourceError(f"{source}: no such folder, volume file or list file")
 
 
+def named_source(setting: str, load, *arguments):
+    """`load(*arguments)`, its DataSourceError naming the setting that gave the data (data.val)."""
+    try:
+        return load(*arguments)
+    except DataSourceError as error:
+        raise DataSourceError(f"{setting}: {error}") from None
+
+
 def read_or_skip(path: Path, purpose: str) -> Volume | None:
     """The volume, or None after a warning: one bad file must not end a multi-hour run."""
     try:

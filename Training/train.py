@@ -80,7 +80,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     with warnings.catch_warnings():
         if not master:  # every process reads the same folder: its skips are said once, by rank 0
             warnings.simplefilter("ignore", data.TrainingDataWarning)
-        volumes = data.load_volumes(config.data.train, config.data, model_config.normalization)
+        volumes = data.named_source("data.train", data.load_volumes, config.data.train, config.data,
+                                    model_config.normalization)
     if distributed:  # node-local copies of the data may differ: the ranks would train on other batches
         read = [None] * world_size
         dist.all_gather_object(read, ([volume.name for volume in volumes], _sizes(volumes)))
@@ -96,7 +97,8 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         raise ResumeError(f"{out_dir} holds a run trained on volumes of these names but of other sizes "
                           f"({sizes_then} voxels, {config.data.train} gives {_sizes(volumes)}): other volumes")
     dataset = data.PairBatches(volumes, config.data, config.optim.seed)
-    validation = ValidationSet.load(config.data.val, config.run, model_config.normalization) if master and config.data.val else None
+    validation = data.named_source("data.val", ValidationSet.load, config.data.val, config.run, model_config.normalization) \
+        if master and config.data.val else None
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     torch.manual_seed(config.optim.seed)
