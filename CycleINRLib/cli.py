@@ -35,12 +35,17 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: error: {message}")
 
 
-def _json_progress_requested(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
-    """Whether a GUI asked a command that has JSON lines for them, also where the arguments
+JSON_OPTIONS = ("json_progress", "json")  # upsample's and evaluate's JSON lines; snli's JSON result
+
+
+def _json_requested(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Whether a GUI or script asked a command for JSON on stdout, also where the arguments
     failed to parse (argparse takes any unambiguous prefix of an option)."""
     command = parser.command_parsers.get(argv[0]) if argv else None
-    return (command is not None and command.get_default("json_progress") is not None
-            and any(len(argument) > 3 and "--json-progress".startswith(argument) for argument in argv))
+    if command is None:
+        return False
+    options = ["--" + dest.replace("_", "-") for dest in JSON_OPTIONS if command.get_default(dest) is not None]
+    return any(len(argument) > 3 and option.startswith(argument) for option in options for argument in argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as error:
-        if _json_progress_requested(parser, sys.argv[1:] if argv is None else argv):
+        if _json_requested(parser, sys.argv[1:] if argv is None else argv):
             print(json.dumps({"event": "error", "message": str(error)}), flush=True)
         print(error, file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -13,14 +13,17 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from .baselines import BASELINES
 from .config import DEVICES
 from .degrade import DEGRADATIONS
 from .errors import InputError
 from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
 from .geometry import slice_axis
-from .io import VOLUME_SUFFIXES, check_name_encoding, partial_name, read_volume, resolved_folder, volume_files
-from .metrics import CT_RANGE, lpips_availability
+from .io import (VOLUME_SUFFIXES, check_name_encoding, check_parent_folder, partial_name, read_volume, resolved_folder,
+                 volume_files)
+from .metrics import CT_RANGE, FLOAT32_MAX, check_magnitude, lpips_availability
 from .progress import Reporter
 
 DEGRADATION_NOTES = {
@@ -69,13 +72,17 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace, reporter: Reporter) -> int:
-    cases = list(dict.fromkeys(parse_case(text) for text in args.cases))  # a case given twice is measured once
+    # a case, method or degradation given twice is measured once, in the order first given
+    cases = list(dict.fromkeys(parse_case(text) for text in args.cases))
+    degradations = list(dict.fromkeys(args.degradation))
     value_range = _parse_range(args.value_range)
     paths = _truth_paths(args.truth)
     output_dir = _check_output_dir(args.output_dir, args.overwrite)
     lpips, lpips_reason = lpips_availability()
-    methods = make_methods(args.methods, args.weights, args.device, args.flip_ensemble, args.bf16)
-    total = len(paths) * len(args.degradation) * len(cases) * len(methods)
+    methods = make_methods(list(dict.fromkeys(args.methods)), args.weights, args.device, args.flip_ensemble, args.bf16)
+    if unused := _unused_model_options(args, methods):
+        reporter.warning(unused)
+    total = len(paths) * len(degradations) * len(cases) * len(methods)
     done = []
 
     def step(label: str) -> None:
@@ -90,25 +97,20 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         staging.mkdir()
         rows, names, ranges, truths = [], [], [], []
         for path in paths:
-            reporter.progress(len(done) / total, f"reading {path.name}")
+            reporter.progress(len(done) / total, f"reading {_display_name(path)}")
             volume = read_volume(path)
+            check_magnitude(volume.array, str(path))
+            volume_range = _volume_range(path, volume.array, value_range)
             axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
             name = _unique_name(path, names)
             truths.append(f"{name} (slice axis {'ijk'[axis]}, {volume.spacing[axis]:g} mm)")
-            for warning in _unexpected_input_warnings(path, volume.array, methods):
+            warnings = _unexpected_input_warnings(path, volume.array, methods)
+            if args.value_range == "ct":
+                warnings += _unlike_ct_warnings(path, volume.array)
+            for warning in warnings:
                 reporter.warning(warning)
-            volume_range = value_range or (float(volume.array.min()), float(volume.array.max()))
-            if value_range and not (volume.array.min() < value_range[1] and volume.array.max() > value_range[0]):
-                raise InputError(f"{path}: its values {volume.array.min():g} to {volume.array.max():g} lie outside "
-                                 f"--range {value_range[0]:g}:{value_range[1]:g}, where every method would score perfectly")
-            if not volume_range[1] > volume_range[0]:
-                raise InputError(f"{path}: every voxel is {volume_range[0]:g}; --range truth needs a truth with "
-                                 "more than one value (give --range LOW:HIGH)")
-            if not _resolvable(*volume_range):
-                raise InputError(f"{path}: its values span only {volume_range[0]:g} to {volume_range[1]:g}, too narrow "
-                                 "for the metrics' single precision; rescale the volume")
             ranges.append(volume_range)
-            for degradation in args.degradation:
+            for degradation in degradations:
                 for result in evaluate_volume(volume.array, 2 - axis, volume.spacing[::-1], cases, methods,
                                               degradation, volume_range, name, lpips, step):
                     rows += [{**row, "slice_axis": "ijk"[axis]} for row in result.rows]
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         if len(paths) > 1:
             rows += mean_rows(rows)
         write_csv(rows, staging / "results.csv")
-        notes = _notes(args.degradation, methods, truths, ranges, lpips, lpips_reason)
+        notes = _notes(degradations, methods, truths, ranges, lpips, lpips_reason)
         table = markdown_table(rows, notes)
         (staging / "results.md").write_text(table)
         written = sorted(p.name for p in staging.iterdir())
@@ -130,10 +132,56 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def _unused_model_options(args: argparse.Namespace, methods) -> str | None:
+    """A warning naming the options for the model that were given although no method runs it."""
+    given = [option for option, value in (("--weights", args.weights is not None), ("--device", args.device != "auto"),
+                                          ("--flip-ensemble", args.flip_ensemble), ("--bf16", args.bf16)) if value]
+    if given and not any(method.weights for method in methods):
+        return (f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the cycleinr methods, "
+                "and --methods has none: ignored")
+    return None
+
+
 def _unexpected_input_warnings(path: Path, truth, methods) -> list[str]:
     """What the learned methods' weights say of this truth, once per weights file."""
-    return sorted({f"{path.name}: {unexpected}; {method.weights.path.name} expects CT" for method in methods
+    return sorted({f"{_display_name(path)}: {unexpected}; {method.weights.path.name} expects CT" for method in methods
                    if method.weights and (unexpected := method.weights.config.normalization.unexpected_input(truth))})
+
+
+NOT_CT_SHARE = 0.01  # of the voxels above 3071 HU, or of the range's width spanned: clearly no CT in HU
+
+
+def _unlike_ct_warnings(path: Path, truth) -> list[str]:
+    """Why `--range ct` would clip or inflate this truth's scores, if it clearly is no CT in HU.
+    Voxels below -1024 HU do not count: scanners write -2048 or -3024 outside the field of view."""
+    low, high = CT_RANGE
+    above = np.count_nonzero(truth > high) / truth.size
+    if above > NOT_CT_SHARE:
+        return [f"{_display_name(path)}: {above:.0%} of its voxels lie above {high:g}, the top of --range ct (CT in HU), "
+                "and are clipped before PSNR and SSIM; give --range truth for a volume that is not CT"]
+    span = float(truth.max()) - float(truth.min())
+    if span < NOT_CT_SHARE * (high - low):
+        return [f"{_display_name(path)}: its values span only {span:g}, against {high - low:g} for --range ct (CT in HU), "
+                "which inflates PSNR and SSIM; give --range truth for a volume that is not CT"]
+    return []
+
+
+def _volume_range(path: Path, truth, value_range: tuple[float, float] | None) -> tuple[float, float]:
+    """The range this truth is scored in (`value_range`, or its own for None), refused where the
+    scores would say nothing."""
+    lowest, highest = float(truth.min()), float(truth.max())
+    if value_range:
+        if not (lowest < value_range[1] and highest > value_range[0]):
+            raise InputError(f"{path}: its values {lowest:g} to {highest:g} lie outside --range "
+                             f"{value_range[0]:g}:{value_range[1]:g}, where every method would score perfectly")
+        return value_range
+    if not highest > lowest:
+        raise InputError(f"{path}: every voxel is {lowest:g}; --range truth needs a truth with "
+                         "more than one value (give --range LOW:HIGH)")
+    if not _resolvable(lowest, highest):
+        raise InputError(f"{path}: its values span only {lowest:g} to {highest:g}, too narrow "
+                         "for the metrics' single precision; rescale the volume")
+    return lowest, highest
 
 
 def _draw(result, name: str, folder: Path) -> None:
@@ -148,8 +196,8 @@ def _draw(result, name: str, folder: Path) -> None:
                                reference=result.profiles["truth"]), folder / f"{stem}_noise.png")
 
 
-MAX_RANGE_WIDTH = 1e12
-MIN_RELATIVE_RANGE_WIDTH, MIN_RANGE_WIDTH = 1e-6, 1e-9
+MIN_RELATIVE_RANGE_WIDTH = 1e-6
+MIN_RANGE_WIDTH = float(np.finfo(np.float32).tiny)  # 1.2e-38: below, float32 holds fewer digits (subnormals)
 
 
 def _parse_range(text: str) -> tuple[float, float] | None:
@@ -164,16 +212,17 @@ def _parse_range(text: str) -> tuple[float, float] | None:
         raise InputError(f"--range {text!r} must be ct, truth or LOW:HIGH") from None
     if not high > low:
         raise InputError(f"--range {text}: HIGH must be greater than LOW")
-    if not high - low <= MAX_RANGE_WIDTH:  # also inf and nan; SSIM squares the width
-        raise InputError(f"--range {text}: LOW and HIGH must be finite and at most {MAX_RANGE_WIDTH:g} apart")
+    if not max(abs(low), abs(high)) <= FLOAT32_MAX:  # also inf and nan
+        raise InputError(f"--range {text}: LOW and HIGH must be finite and within -{FLOAT32_MAX:.3g} to "
+                         f"{FLOAT32_MAX:.3g}, single precision, in which the metrics compute")
     if not _resolvable(low, high):
         raise InputError(f"--range {text}: too narrow for the metrics' single precision; rescale the volumes")
     return low, high
 
 
 def _resolvable(low: float, high: float) -> bool:
-    """Whether metrics in float32 (epsilon 1.2e-7) tell values across [low, high] apart; SSIM
-    multiplies four range-sized terms, which drift below about 1e-9."""
+    """Whether metrics in float32 (epsilon 1.2e-7, smallest normal number 1.2e-38) tell values
+    across [low, high] apart."""
     return high - low >= max(MIN_RANGE_WIDTH, MIN_RELATIVE_RANGE_WIDTH * max(abs(low), abs(high)))
 
 
@@ -194,7 +243,7 @@ def _truth_paths(arguments: list[str]) -> list[Path]:
 
 def _unique_name(path: Path, names: list[str]) -> str:
     """The file name without its volume suffix, numbered if an earlier volume has it; appended to `names`."""
-    name = path.name
+    name = _display_name(path)
     for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
@@ -207,14 +256,18 @@ def _unique_name(path: Path, names: list[str]) -> str:
     return name
 
 
+def _display_name(path: Path) -> str:
+    """The name of the file or folder, also where it is given as `.` or `..` (a DICOM series folder)."""
+    return Path(os.path.abspath(path)).name
+
+
 def _check_output_dir(name: str, overwrite: bool) -> Path:
     if not name.strip():
         raise InputError("-o/--output-dir needs a folder name")
     path = check_name_encoding(name)
     if path.is_symlink() and not path.exists():
         raise InputError(f"{path}: is a link that leads nowhere (or back to itself)")
-    if not resolved_folder(path.parent).is_dir():
-        raise InputError(f"{path}: parent folder {path.parent} does not exist")
+    check_parent_folder(path, "parent folder")
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is not a folder")
     # a run killed outright (power cut, SIGKILL) leaves its hidden staging folder: not a result

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import InputError
 from .geometry import slice_axis
 from .io import check_output_path, read_volume
-from .metrics import noise_profile
+from .metrics import NOISE_MIN_SLICE, check_magnitude, check_slice_size, noise_profile, significant
 from .progress import Reporter
 
 
@@ -28,21 +29,31 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace, reporter: Reporter) -> int:
+    if args.plot is not None and not args.plot.strip():
+        raise InputError("--plot needs a PNG file name")
     plot = check_output_path(args.plot, args.overwrite, suffixes=(".png",)) if args.plot else None
     volume = read_volume(args.volume)
+    check_magnitude(volume.array, args.volume)
     axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
-    profile = noise_profile(volume.array, 2 - axis)  # numpy axis of ITK axis `axis`
+    numpy_axis = 2 - axis  # of ITK axis `axis`
+    check_slice_size(volume.array.shape, numpy_axis, args.volume, NOISE_MIN_SLICE,
+                     f"the {NOISE_MIN_SLICE}x{NOISE_MIN_SLICE} voxels a noise level is estimated from")
+    profile = noise_profile(volume.array, numpy_axis)
     if plot:
         from .figures import profile_figure, save_figure  # matplotlib only when drawing
 
         title = f"{args.volume}: per-slice noise level along axis {axis}, SNLI {profile.snli:.3g}"
-        save_figure(profile_figure({"noise level": profile.levels}, volume.spacing[axis], title), plot)
+        try:
+            save_figure(profile_figure({"noise level": profile.levels}, volume.spacing[axis], title), plot)
+        except OSError as error:  # a full disk
+            raise InputError(f"{plot}: cannot be written ({error.strerror or error})") from None
     summary = {
         "volume": str(args.volume), "axis": axis, "slices": len(profile.levels),
-        "slice_spacing": volume.spacing[axis], "snli": round(profile.snli, 4), "mean_noise": round(profile.mean, 4),
-        "levels": [round(float(level), 4) for level in profile.levels], "plot": str(plot) if plot else None,
+        "slice_spacing": volume.spacing[axis], "snli": significant(profile.snli), "mean_noise": significant(profile.mean),
+        "levels": [significant(level) for level in profile.levels], "plot": str(plot) if plot else None,
     }
     text = (f"SNLI {profile.snli:.4g}, mean noise level {profile.mean:.4g} over {len(profile.levels)} slices "
             f"along axis {axis} ({volume.spacing[axis]:.4g} mm)" + (f"; profile -> {plot}" if plot else ""))
     reporter.done(summary, text)
     return 0
+

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     reporter.set_stage("read")
     reporter.progress(0.0, f"reading {Path(args.input).name}")
     volume = read_volume(args.input)
+    metrics.check_magnitude(volume.array, args.input)
     check_output_can_hold(volume, output)
     axis = geometry.slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
     factor = args.factor if args.factor is not None else geometry.factor_for_spacing(volume.spacing[axis], args.spacing)
@@ -113,7 +114,7 @@ def _noise_report(volume, result, axis: int) -> dict:
     report = {}
     for role, array in (("input", volume.array), ("output", result.array)):
         profile = metrics.noise_profile(array, 2 - axis)  # numpy (k, j, i): axis 2 - ITK axis
-        report[role] = {"levels": [round(float(level), 6) for level in profile.levels],
+        report[role] = {"levels": [metrics.significant(level, 7) for level in profile.levels],
                         "snli": profile.snli, "mean": profile.mean}
     return report
 

@@ -80,7 +80,11 @@ class CaseResult:
 
 
 def parse_case(text: str) -> Case:
-    """`k:r` -> Case; k / r must be an integer so the truth exists at every output slice."""
+    """`k:r` -> Case; k / r must be an integer so the truth exists at every output slice.
+
+    r is taken as k / (k / r rounded), the factor whose output slices fall exactly on thin
+    slices: 4:1.3333333333 and 4:1.33333333333 are one case, 4:1.33333 (4/3).
+    """
     try:
         keep_text, factor_text = text.split(":")
         keep_every, factor = int(keep_text), float(factor_text)
@@ -96,7 +100,7 @@ def parse_case(text: str) -> Case:
     if ratio < 1 - 1e-9 or not math.isclose(ratio, round(ratio), abs_tol=1e-9):
         raise InputError(f"case {text}: k / r = {ratio:g} must be a whole number so that the truth exists "
                          "at every output slice")
-    return Case(keep_every, factor)
+    return Case(keep_every, keep_every / round(ratio))
 
 
 def make_methods(names: Sequence[str], weights: str | None = None, device: str = "auto",
@@ -140,10 +144,8 @@ def check_case_fits(slices: int, case: Case, name: str) -> None:
 
 def check_slices_fit_ssim(shape: Sequence[int], axis: int, name: str) -> None:
     """InputError unless the slices across numpy `axis` hold SSIM's window."""
-    slice_shape = [n for a, n in enumerate(shape) if a != axis]
-    if min(slice_shape) < metrics.SSIM_WINDOW:
-        raise InputError(f"{name}: slices of {slice_shape[1]}x{slice_shape[0]} voxels are smaller than SSIM's "
-                         f"{metrics.SSIM_WINDOW}x{metrics.SSIM_WINDOW} window")
+    window = metrics.SSIM_WINDOW
+    metrics.check_slice_size(shape, axis, name, window, f"SSIM's {window}x{window} window")
 
 
 def evaluate_volume(
@@ -235,11 +237,31 @@ def _views(array: np.ndarray, axis: int) -> dict[str, np.ndarray]:
     return views
 
 
-NUMERIC_FORMATS = {
-    "psnr_generated": ".2f", "ssim_generated": ".4f", "psnr_all": ".2f", "ssim_all": ".4f",
-    "lpips_generated": ".4f", "lpips_all": ".4f", "snli": ".3f", "snli_truth": ".3f",
-    "noise_mean": ".2f", "noise_mean_truth": ".2f", "seconds": ".2f",
+DECIMALS = {
+    "psnr_generated": 2, "ssim_generated": 4, "psnr_all": 2, "ssim_all": 4, "lpips_generated": 4, "lpips_all": 4,
+    "snli": 3, "snli_truth": 3, "noise_mean": 2, "noise_mean_truth": 2, "seconds": 2,
 }
+IMAGE_UNIT_KEYS = ("snli", "snli_truth", "noise_mean", "noise_mean_truth")  # in HU for CT, m^2/s for an ADC map
+SLICE_COUNT_KEYS = ("output_slices", "generated_slices")
+
+
+def in_image_units(value: float, decimals: int) -> str:
+    """`decimals` fixed decimals, as a CT's HU read, where they show 3 significant digits or more
+    and stay short; 4 significant digits otherwise (an ADC map's 1e-11 m^2/s, a volume in 1e9s)."""
+    if value == 0 or 10.0 ** (2 - decimals) <= abs(value) < 1e6:
+        return f"{value:.{decimals}f}"
+    return f"{value:.4g}"
+
+
+def formatted(key: str, value) -> str:
+    """A cell of the CSV file or the Markdown table."""
+    if key in SLICE_COUNT_KEYS:
+        return f"{round(value, 2):g}"  # whole, but fractional in a mean over volumes
+    if key in IMAGE_UNIT_KEYS:
+        return in_image_units(value, DECIMALS[key])
+    if key in DECIMALS:
+        return f"{value:.{DECIMALS[key]}f}"
+    return str(value)
 
 
 def mean_rows(rows: Sequence[dict]) -> list[dict]:
@@ -262,8 +284,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: format(value, NUMERIC_FORMATS[key]) if key in NUMERIC_FORMATS else value
-                             for key, value in row.items()})
+            writer.writerow({key: formatted(key, value) for key, value in row.items()})
 
 
 def markdown_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
@@ -274,11 +295,11 @@ def markdown_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
     header += ["PSNR all (dB)", "SSIM all", "SNLI (truth)", "mean noise (truth)", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["volume"], row["degradation"], row["case"], row["method"],
-                 f"{row['psnr_generated']:.2f}", f"{row['ssim_generated']:.4f}"]
-        cells += [f"{row['lpips_generated']:.4f}"] if with_lpips else []
-        cells += [f"{row['psnr_all']:.2f}", f"{row['ssim_all']:.4f}",
-                  f"{row['snli']:.3f} ({row['snli_truth']:.3f})",
-                  f"{row['noise_mean']:.2f} ({row['noise_mean_truth']:.2f})", f"{row['seconds']:.2f}"]
-        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        cell = {key: formatted(key, value) for key, value in row.items()}
+        cells = [cell["volume"], cell["degradation"], cell["case"], cell["method"], cell["psnr_generated"],
+                 cell["ssim_generated"]]
+        cells += [cell["lpips_generated"]] if with_lpips else []
+        cells += [cell["psnr_all"], cell["ssim_all"], f"{cell['snli']} ({cell['snli_truth']})",
+                  f"{cell['noise_mean']} ({cell['noise_mean_truth']})", cell["seconds"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"

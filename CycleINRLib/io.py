@@ -298,8 +298,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[
     path = check_name_encoding(path)
     if not path.name.endswith(suffixes):  # in lower case: ITK takes .MHA for a header-and-data pair
         raise InputError(f"{path}: output must end in {' or '.join(suffixes)} (lower case)")
-    if not resolved_folder(path.parent).is_dir():
-        raise InputError(f"{path}: output folder {path.parent} does not exist")
+    check_parent_folder(path, "output folder")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"{path}: output folder {path.parent} is not writable")
     if path.is_dir():
@@ -335,6 +334,15 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
         if reason:
             raise InputError(f"{path}: cannot be written ({' '.join(reason.replace(str(temporary), path.name).split())[:160]})")
     return path
+
+
+def check_parent_folder(path: Path, role: str) -> None:
+    """InputError unless `path`'s parent is a folder (`role` names it: "output folder")."""
+    parent = resolved_folder(path.parent)
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{path}: {path.parent} is not a folder")
+    if not parent.is_dir():
+        raise InputError(f"{path}: {role} {path.parent} does not exist")
 
 
 def resolved_folder(folder: Path) -> Path:

@@ -14,18 +14,24 @@ All functions take numpy axes: for an array in SimpleITK order (k, j, i), axial 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
+from typing import Sequence
 
 import numpy as np
 import pywt
+
+from .errors import InputError
 
 CT_RANGE = (-1024.0, 3071.0)  # HU; data range 4095
 NOISE_WAVELET = "db2"  # as scikit-image's estimate_sigma
 GAUSSIAN_MAD = NormalDist().inv_cdf(0.75)  # 0.6745: median |x| of a unit Gaussian
 FLAT_TOLERANCE = 1e-9  # relative to the slice's largest |value|: a coefficient this small is rounding
 ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"  # torchvision's file name, the backbone of LPIPS-alex
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4e38
+NOISE_MIN_SLICE = 7  # a 7x7 slice has 5x5 finest diagonal db2 coefficients to take the median of
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,29 @@ def noise_profile(array: np.ndarray, axis: int = 0) -> NoiseProfile:
     return NoiseProfile(levels=levels, snli=snli(levels), mean=float(levels.mean()))
 
 
+def significant(value: float, digits: int = 5) -> float:
+    """`value` to `digits` significant digits, for JSON: fixed decimals would round an ADC map's
+    noise levels of 1e-11 to 0, where a CT's of 6 HU keep theirs."""
+    return float(f"{value:.{digits}g}")
+
+
+def check_magnitude(array: np.ndarray, name: str) -> None:
+    """InputError for values beyond float32's range: the methods and the metrics compute in
+    float32, and SNLI squares the noise levels, which overflows even float64 near 1e154."""
+    largest = max(abs(float(array.min())), abs(float(array.max())))
+    if largest > FLOAT32_MAX:
+        raise InputError(f"{name}: its values reach {largest:.3g}, beyond {FLOAT32_MAX:.3g}, the largest magnitude of "
+                         "single precision, in which the methods and metrics compute; rescale the volume")
+
+
+def check_slice_size(shape: Sequence[int], axis: int, name: str, side: int, smallest: str) -> None:
+    """InputError unless the slices across numpy `axis` are at least `side` voxels each way;
+    `smallest` says what needs that many ("SSIM's 7x7 window")."""
+    slice_shape = [n for a, n in enumerate(shape) if a != axis]
+    if min(slice_shape) < side:
+        raise InputError(f"{name}: slices of {slice_shape[1]}x{slice_shape[0]} voxels are smaller than {smallest}")
+
+
 def clip_to_range(array: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
     """float32 copy clipped to `value_range`: values outside it are not compared."""
     low, high = value_range
@@ -76,14 +105,33 @@ def clip_to_range(array: np.ndarray, value_range: tuple[float, float]) -> np.nda
     return np.clip(np.asarray(array, dtype=np.float32), low, high)
 
 
+def _comparable(truth: np.ndarray, test: np.ndarray, value_range: tuple[float, float]):
+    """Both clipped to `value_range`, and the range, scaled by the power of two that brings the
+    range's largest magnitude into [0.5, 1): (truth, test, (low, high)).
+
+    PSNR, SSIM and LPIPS do not change when images and range are scaled alike, and a power of
+    two scales float32 exactly, so the scores are those of the unscaled values bit for bit; but
+    SSIM's products of four values, which overflow float32 from about 1e9, and PSNR's squared
+    differences stay near 1 for a volume in any unit.
+    """
+    low, high = value_range
+    scale = 2.0 ** -math.frexp(max(abs(low), abs(high)))[1]
+
+    def scaled(array: np.ndarray) -> np.ndarray:
+        clipped = clip_to_range(array, value_range)
+        clipped *= scale  # in place: no third volume-sized array
+        return clipped
+
+    return scaled(truth), scaled(test), (low * scale, high * scale)
+
+
 def psnr(truth: np.ndarray, test: np.ndarray, value_range: tuple[float, float] = CT_RANGE) -> float:
     """PSNR in dB over all voxels, both clipped to `value_range`, data range its width."""
     from skimage.metrics import peak_signal_noise_ratio  # here: it loads scipy.stats, 0.6 s of every upsample's start
 
-    low, high = value_range
+    truth, test, (low, high) = _comparable(truth, test, value_range)
     with np.errstate(divide="ignore"):  # identical volumes: inf dB, which is the answer, not a warning
-        return float(peak_signal_noise_ratio(
-            clip_to_range(truth, value_range), clip_to_range(test, value_range), data_range=high - low))
+        return float(peak_signal_noise_ratio(truth, test, data_range=high - low))
 
 
 SSIM_WINDOW = 7  # scikit-image's default: a slice must be at least this many voxels each way
@@ -98,15 +146,14 @@ def slice_ssim(truth: np.ndarray, test: np.ndarray, axis: int = 0,
     """
     from skimage.metrics import structural_similarity  # here, as in psnr
 
-    low, high = value_range
-    return np.array([structural_similarity(a, b, win_size=SSIM_WINDOW, data_range=high - low)
-                     for a, b in _clipped_slice_pairs(truth, test, axis, value_range)])
+    pairs, (low, high) = _comparable_slices(truth, test, axis, value_range)
+    return np.array([structural_similarity(a, b, win_size=SSIM_WINDOW, data_range=high - low) for a, b in pairs])
 
 
-def _clipped_slice_pairs(truth, test, axis, value_range):
-    """(truth slice, test slice) pairs perpendicular to numpy `axis`, clipped to `value_range`."""
-    return zip(np.moveaxis(clip_to_range(truth, value_range), axis, 0),
-               np.moveaxis(clip_to_range(test, value_range), axis, 0))
+def _comparable_slices(truth, test, axis, value_range):
+    """(truth slice, test slice) pairs perpendicular to numpy `axis`, and the range, as `_comparable` makes them."""
+    truth, test, scaled_range = _comparable(truth, test, value_range)
+    return zip(np.moveaxis(truth, axis, 0), np.moveaxis(test, axis, 0)), scaled_range
 
 
 def lpips_availability() -> tuple[bool, str]:
@@ -135,12 +182,11 @@ def slice_lpips(truth: np.ndarray, test: np.ndarray, axis: int = 0,
     import lpips
     import torch
 
-    low, high = value_range
+    pairs, (low, high) = _comparable_slices(truth, test, axis, value_range)
     network = lpips.LPIPS(net="alex", verbose=False).eval()
 
     def scaled(plane: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(2 * (plane - low) / (high - low) - 1).expand(1, 3, *plane.shape)
 
     with torch.no_grad():
-        return np.array([float(network(scaled(a), scaled(b)))
-                         for a, b in _clipped_slice_pairs(truth, test, axis, value_range)])
+        return np.array([float(network(scaled(a), scaled(b))) for a, b in pairs])

@@ -400,15 +400,12 @@ def test_bad_input_gets_one_line_and_exit_2(case, fragment, tmp_path):
     ("upsample", ["--json-progress", "in.nii.gz"]),  # the output missing
     ("upsample", ["in.nii.gz", "out.nii.gz", "--json-progress", "--bogus"]),  # refused by the top-level parser
     ("evaluate", ["--json", "in.nii.gz", "-o", "out", "--device", "tpu"]),  # a prefix of it
-    ("snli", ["in.nii.gz", "--json", "--bogus"]),  # its --json is its result's format: no event
+    ("snli", ["in.nii.gz", "--json", "--axis", "7"]),  # as its other errors under --json: an error event
 ])
 def test_a_usage_error_reaches_a_gui_as_a_json_error_event(command, options, tmp_path):
     result = cycleinr(command, *options)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    if command == "snli":
-        assert events == []
-        return
     assert [event["event"] for event in events] == ["error"]
     assert events[0]["message"] == result.stderr.strip()
 
@@ -467,6 +464,13 @@ def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop,
     assert events[-1]["event"] == "error" and "cannot be written" in events[-1]["message"]
     assert not any(event["event"] == "done" for event in events)
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_an_snli_plot_that_cannot_be_written_whole_is_one_line_naming_it(ct_crop, tmp_path):
+    plot = tmp_path / "profile.png"
+    result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "snli", str(ct_crop), "--plot", str(plot)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, preexec_fn=_file_size_limit(8 * 1024))
+    assert_refused(result, plot, f"{plot}: cannot be written (File too large)")
 
 
 @pytest.mark.parametrize("signal_number, repeated", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGTERM, True)],

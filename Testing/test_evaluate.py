@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -17,9 +18,10 @@ from CycleINRLib import metrics
 from CycleINRLib.baselines import BASELINES, INTERPOLATORS, interpolate
 from CycleINRLib.cli import main
 from CycleINRLib.errors import InputError
-from CycleINRLib.evaluate import Case, Method, evaluate_volume, make_methods, parse_case
+from CycleINRLib.evaluate import IMAGE_UNIT_KEYS, Case, Method, evaluate_volume, in_image_units, make_methods, parse_case
 from CycleINRLib.geometry import output_slice_count
 from CycleINRLib.io import Volume, read_volume, write_volume
+from conftest import write_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -107,13 +109,13 @@ def test_thick_degradation_is_used_and_reported():
 
 
 def test_snli_command_prints_one_json_object_and_plots(tmp_path):
-    array = np.stack([np.random.default_rng(s).normal(0, sigma, (64, 64)) for s, sigma in enumerate([5, 50, 5, 50])])
+    array = np.stack([np.random.default_rng(s).normal(0, sigma, (64, 64)) for s, sigma in enumerate([5, 50] * 4)])
     path = write_volume(Volume(array.astype(np.float32), (0.5, 0.5, 3.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
                         tmp_path / "sawtooth.nii.gz")
     done = cli("snli", path, "--json", "--plot", tmp_path / "profile.png")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # one object, nothing else on stdout
-    assert summary["axis"] == 2 and summary["slices"] == 4
+    assert summary["axis"] == 2 and summary["slices"] == 8
     assert summary["snli"] == pytest.approx(metrics.snli(metrics.slice_noise_levels(array, 0)), abs=1e-3)
     assert summary["snli"] == pytest.approx(22.5, rel=0.1)
     assert (tmp_path / "profile.png").read_bytes().startswith(PNG_MAGIC)
@@ -135,7 +137,10 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
                           tmp_path / "narrow.nii.gz")
     faint = write_volume(Volume(1000 + noisy_truth(slices=11, size=16).astype(np.float32) * 1e-7, (1.0, 1.0, 2.0), (0, 0, 0),
                                 identity), tmp_path / "faint.mha")  # float32 keeps 1000 and 1000.00006
+    huge = write_volume(Volume(noisy_truth(slices=11, size=16) * 1e300, (1.0, 1.0, 2.0), (0, 0, 0), identity),
+                        tmp_path / "huge.mha")  # float64; float32 metrics overflow, and SNLI squares it to inf
     (tmp_path / "folder.png").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
     highest = read_volume(volume).array.max()
     for arguments, reason in [
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "5:2"), "whole number"),
@@ -143,8 +148,12 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "9:3"), "greater than LOW"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "-1000:1000"),
          "argument --range: expected one argument (a value that starts with '-' is written --range=VALUE)"),
-        (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:inf"), "finite and at most 1e+12 apart"),
-        (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:1e308"), "finite and at most 1e+12 apart"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:inf"), "finite and within -3.4e+38 to 3.4e+38"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:1e39"), "finite and within -3.4e+38 to 3.4e+38"),
+        (("evaluate", huge, "-o", tmp_path / "out", "--methods", "linear"),
+         "its values reach 6.24e+302, beyond 3.4e+38, the largest magnitude of single precision"),
+        (("snli", huge), "its values reach 6.24e+302, beyond 3.4e+38"),
+        (("upsample", huge, tmp_path / "up.mha", "--factor", "2", "--device", "cpu"), "its values reach 6.24e+302"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range=1e-300:2e-300"), "too narrow for the metrics' single precision"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "1000:1000.0001"), "; rescale the volumes"),
         (("evaluate", faint, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear"),
@@ -157,16 +166,20 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
         (("evaluate", volume, "-o", tmp_path / "out", f"--range={highest:g}:{highest + 1000:g}", "--methods", "linear"),
          "where every method would score perfectly"),  # only the brightest voxel on its edge: one value after clipping
         (("evaluate", volume, "-o", "", "--methods", "linear"), "-o/--output-dir needs a folder name"),
+        (("evaluate", volume, "-o", tmp_path / "afile" / "out", "--methods", "linear"), f"{tmp_path / 'afile'} is not a folder"),
         (("evaluate", volume, "-o", _link_to_itself(tmp_path / "loop"), "--methods", "linear"), "is a link that leads nowhere"),
         (("evaluate", narrow, "-o", tmp_path / "out", "--methods", "linear"), "slices of 4x16 voxels are smaller than SSIM's 7x7"),
+        (("snli", narrow), "slices of 4x16 voxels are smaller than the 7x7 voxels a noise level is estimated from"),
         (("snli", volume, "--plot", tmp_path / "p.jpg"), "must end in .png"),
+        (("snli", volume, "--plot", ""), "--plot needs a PNG file name"),
+        (("snli", volume, "--plot", tmp_path / "afile" / "p.png"), f"{tmp_path / 'afile'} is not a folder"),
         (("snli", volume, "--plot", tmp_path / "folder.png", "--overwrite"), "is a folder"),
     ]:
         assert main([str(a) for a in arguments]) == 2, arguments
         stderr = capsys.readouterr().err
         assert reason in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant.nii.gz", "faint.mha", "folder.png", "loop", "narrow.nii.gz",
-                                                          "v.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "constant.nii.gz", "faint.mha", "folder.png", "huge.mha",
+                                                          "loop", "narrow.nii.gz", "v.nii.gz"]
 
 
 def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(tmp_path, capsys):
@@ -183,19 +196,42 @@ def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.nii.gz"]  # no staging folder left
 
 
-def test_evaluate_scores_a_map_of_tiny_values_as_the_same_map_in_large_ones(tmp_path, capsys):
-    """A diffusion ADC map in m^2/s spans 0 to 3e-9: its own range is fine for float32 metrics."""
+SCALES = (1.0, 2.0**-40, 2.0**30, 2.0**100)  # powers of two: the same numbers in another unit, exactly
+
+
+def test_a_volume_scores_the_same_in_any_unit(tmp_path, capsys):
+    """A diffusion ADC map in m^2/s spans 0 to 3e-9 (here values of 1e-12 or so), and its noise
+    levels of 1e-11 must not print as 0; a volume in units of 1e9 or 1e30 must not overflow
+    SSIM's float32 products (NaN). PSNR and SSIM come out the same, SNLI and noise levels scale
+    with the unit."""
     identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
-    scores = {}
-    for scale in (1.0, 1e-12):
+    scores, profiles = {}, {}
+    for scale in SCALES:
         truth = write_volume(Volume(noisy_truth(slices=11, size=16).astype(np.float32) * scale, (1.0, 1.0, 2.0), (0, 0, 0),
                                     identity), tmp_path / f"map_{scale:g}.mha")
         output = tmp_path / f"out_{scale:g}"
         assert main(["evaluate", str(truth), "-o", str(output), "--range", "truth", "--methods", "linear", "cubic",
                      "--cases", "2:2"]) == 0, capsys.readouterr().err
         with open(output / "results.csv") as table:
-            scores[scale] = [(float(row["psnr_generated"]), float(row["ssim_generated"])) for row in csv.DictReader(table)]
-    assert np.allclose(scores[1e-12], scores[1.0], rtol=1e-4)
+            scores[scale] = [[float(row[key]) for key in ("psnr_generated", "ssim_generated", "psnr_all", "ssim_all")]
+                             + [float(row[key]) / scale for key in IMAGE_UNIT_KEYS] for row in csv.DictReader(table)]
+        assert "0.000" not in (output / "results.md").read_text()
+        capsys.readouterr()
+        assert main(["snli", str(truth), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        profiles[scale] = np.array([summary["snli"], summary["mean_noise"], *summary["levels"]]) / scale
+    for scale in SCALES[1:]:
+        np.testing.assert_allclose(scores[scale], scores[1.0], rtol=2e-3, err_msg=f"scale {scale:g}")
+        np.testing.assert_allclose(profiles[scale], profiles[1.0], rtol=1e-4, err_msg=f"scale {scale:g}")
+
+
+def test_noise_levels_keep_ct_decimals_and_small_units_their_digits():
+    """HU read best with fixed decimals (0.859, not 0.8590 or 8.59e-01); an ADC map's 9.3e-12
+    m^2/s would be 0.000 with them, a volume in units of 1e7 a long row of digits."""
+    assert [in_image_units(value, 3) for value in (0.859, 1.428, 12.5, 0.0999, 9.3357e-12, 0.0)] == [
+        "0.859", "1.428", "12.500", "0.0999", "9.336e-12", "0.000"]
+    assert [in_image_units(value, 2) for value in (5.57, 6.389, 0.5, 2.004e-11, 5.719e7)] == [
+        "5.57", "6.39", "0.5", "2.004e-11", "5.719e+07"]
 
 
 def test_evaluate_reads_a_folder_s_volumes_and_names_each_once(tmp_path, capsys):
@@ -212,6 +248,77 @@ def test_evaluate_reads_a_folder_s_volumes_and_names_each_once(tmp_path, capsys)
                  "--cases", "2:2"]) == 0, capsys.readouterr().err
     with open(tmp_path / "out" / "results.csv") as table:
         assert [row["volume"] for row in csv.DictReader(table)] == ["a-3", "a", "a-2", "mean of 3"]
+
+
+def test_mean_rows_give_slice_counts_as_the_rows_do(tmp_path, capsys):
+    """Volumes of 11, 11 and 13 slices: 2:2 makes 11, 11 and 13 output slices, a mean of 11.67."""
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    paths = [write_volume(Volume(noisy_truth(slices=slices, size=16, seed=seed), (1.0, 1.0, 2.0), (0, 0, 0), identity),
+                          tmp_path / f"v{seed}.nii.gz") for seed, slices in enumerate((11, 11, 13))]
+    assert main(["evaluate", *map(str, paths), "-o", str(tmp_path / "out"), "--methods", "linear", "--cases", "2:2"]) == 0, \
+        capsys.readouterr().err
+    with open(tmp_path / "out" / "results.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["output_slices"], row["generated_slices"]) for row in rows] == [
+        ("11", "5"), ("11", "5"), ("13", "6"), ("11.67", "5.33")]
+
+
+def test_a_method_degradation_or_case_given_twice_is_measured_once(tmp_path, capsys):
+    """In the order first given; 4:1.3333333333 and 4:1.33333333333 are both 4:4/3, one case."""
+    volume = write_volume(Volume(noisy_truth(slices=13, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                          tmp_path / "v.nii.gz")
+    assert main(["evaluate", str(volume), "-o", str(tmp_path / "out"), "--methods", "linear", "linear", "cubic", "linear",
+                 "--degradation", "thick", "thick", "--cases", "4:1.3333333333", "2:2", "4:1.33333333333"]) == 0, \
+        capsys.readouterr().err
+    with open(tmp_path / "out" / "results.csv") as table:
+        assert [(row["degradation"], row["case"], row["method"]) for row in csv.DictReader(table)] == [
+            ("thick", case, method) for case in ("4:1.33333", "2:2") for method in ("linear", "cubic")]
+    assert parse_case("4:1.3333333333") == parse_case("4:1.33333333333") == Case(4, 4 / 3)
+
+
+def test_options_for_the_model_without_a_model_method_are_reported_unused(tmp_path, capsys):
+    volume = write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                          tmp_path / "v.nii.gz")
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert main(["evaluate", str(volume), "-o", str(tmp_path / "out"), "--methods", "linear", "--cases", "2:2",
+                 "--weights", str(tmp_path / "notes.txt"), "--bf16"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --weights and --bf16 are for the cycleinr methods, and --methods has none: ignored"]
+
+
+def test_a_dicom_folder_given_as_dot_is_named_after_the_folder(tmp_path, monkeypatch, capsys):
+    """`cycleinr evaluate .` from inside a DICOM series folder: rows and pictures are named
+    `series`, not `` (hidden `_interval_2-2_views.png`)."""
+    image = sitk.GetImageFromArray(noisy_truth(slices=11, size=16))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    series = write_dicom_series(image, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.7.9", "THIN")
+    monkeypatch.chdir(series)
+    assert main(["evaluate", ".", "-o", str(tmp_path / "out"), "--methods", "linear", "--cases", "2:2"]) == 0, \
+        capsys.readouterr().err
+    with open(tmp_path / "out" / "results.csv") as table:
+        assert [row["volume"] for row in csv.DictReader(table)] == ["series"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["series_interval_2-2_noise.png",
+                                                                       "series_interval_2-2_views.png"]
+
+
+def test_evaluate_warns_when_range_ct_does_not_fit_the_truth(shared_data, tmp_path):
+    """A real brain MR crop in units ten times larger (71 % of voxels above 3071) and scaled to
+    0..1 (a span of 1 in the 4095 of --range ct): one warning each, naming it; the validation CT
+    gets none (end-to-end test)."""
+    mr = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / "demo/pgbm-001_brain_mr_t1post_6.5mm.nii.gz")))
+    crop = mr[:, 128:192, 98:162].astype(np.float32)  # 24 slices of 64x64, 6.5 mm
+    paths = [write_volume(Volume(array, (0.69, 0.69, 6.5), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), tmp_path / name)
+             for name, array in (("mr_x10.nii.gz", crop * 10), ("mr_unit.nii.gz", crop / crop.max()))]
+    done = cli("evaluate", *paths, "-o", tmp_path / "out", "--methods", "linear", "--cases", "2:2", "--json-progress")
+    assert done.returncode == 0, done.stderr
+    warnings = [e["message"] for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "warning"]
+    above = np.count_nonzero(crop * 10 > 3071) / crop.size
+    assert warnings == [
+        f"mr_x10.nii.gz: {above:.0%} of its voxels lie above 3071, the top of --range ct (CT in HU), and are clipped "
+        "before PSNR and SSIM; give --range truth for a volume that is not CT",
+        "mr_unit.nii.gz: its values span only 1, against 4095 for --range ct (CT in HU), which inflates PSNR and SSIM; "
+        "give --range truth for a volume that is not CT"]
+    assert above > 0.5 and done.stderr.count("warning: ") == 2
 
 
 def test_a_staging_folder_left_by_a_killed_run_does_not_block_the_next(tmp_path, capsys):
@@ -259,6 +366,7 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
     events = [json.loads(line) for line in done.stdout.splitlines()]
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions == sorted(fractions) and events[-1]["event"] == "done" and events[-1]["fraction"] == 1.0
+    assert [e for e in events if e["event"] == "warning"] == []  # real CT, clipped to [-1024, 3071]: range ct fits
 
     with open(output / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -272,6 +380,12 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
             assert float(row["psnr_generated"]) < float(row["psnr_all"])  # acquired slices are exact
     table = (output / "results.md").read_text()
     assert table.startswith("| volume | degradation | k:r | method |") and "LPIPS" in table
+    lines = table.splitlines()
+    header = [cell.strip("| ") for cell in lines[0].split(" | ")]
+    for line in lines[2:2 + len(rows)]:  # in HU: SNLI with 3 decimals, mean noise with 2, as in the README
+        cells = dict(zip(header, (cell.strip("| ") for cell in line.split(" | "))))
+        assert re.fullmatch(r"\d+\.\d{3} \(\d+\.\d{3}\)", cells["SNLI (truth)"]), line
+        assert re.fullmatch(r"\d+\.\d{2} \(\d+\.\d{2}\)", cells["mean noise (truth)"]), line
     assert f"ground truth: crop (slice axis k, {full.spacing[2]:g} mm)" in table
     pictures = sorted(p.name for p in output.glob("*.png"))
     assert len(pictures) == 8 and "crop_thick_5-2.5_views.png" in pictures

@@ -79,6 +79,20 @@ def test_slice_ssim_is_scikit_image_ssim_of_each_slice():
     np.testing.assert_allclose(metrics.slice_ssim(truth, truth, axis=0), 1.0)
 
 
+@pytest.mark.parametrize("scale", [2.0**-100, 2.0**40, 2.0**100])
+def test_psnr_and_ssim_are_the_same_in_any_unit(scale):
+    """Bit for bit, for a unit a power of two apart; in float32, SSIM's products of four values
+    overflowed from about 1e9 (NaN), and tiny units underflowed."""
+    rng = np.random.default_rng(3)
+    truth = gaussian_filter(rng.normal(0, 300, (3, 48, 40)), 2).astype(np.float32)
+    test = truth + rng.normal(0, 30, truth.shape).astype(np.float32)
+    value_range = (float(truth.min()), float(truth.max()))
+    scaled_range = (value_range[0] * scale, value_range[1] * scale)
+    np.testing.assert_array_equal(metrics.slice_ssim(truth * scale, test * scale, 0, scaled_range),
+                                  metrics.slice_ssim(truth, test, 0, value_range))
+    assert metrics.psnr(truth * scale, test * scale, scaled_range) == metrics.psnr(truth, test, value_range)
+
+
 def test_lpips_is_reported_unavailable_with_the_reason_when_it_cannot_run():
     available, reason = metrics.lpips_availability()
     if importlib.util.find_spec("lpips") is None:
