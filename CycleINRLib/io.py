@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from .errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")  # what a folder of volumes holds
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # what a folder of volumes holds
 SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
 ORTHOGONALITY_TOLERANCE = 1e-4  # direction matrices off by more are sheared
 MAX_SLICE_TILT_DEGREES = 0.5  # DICOM slices stacked further off their normal are sheared (gantry tilt)

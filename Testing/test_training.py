@@ -529,8 +529,8 @@ def test_train_script_rejects_a_bad_config_in_one_line(tmp_path, override, messa
 
 @pytest.mark.parametrize("source, message", [
     ("missing", "no such folder, volume file or list file"),
-    ("image.png", "neither a volume file (.nii, .nii.gz, .nrrd, .mha, .mhd) nor a text file listing volumes"),
-    ("empty", "no usable training volume (no .nii, .nii.gz, .nrrd, .mha, .mhd files there)"),
+    ("image.png", "neither a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) nor a text file listing volumes"),
+    ("empty", "no usable training volume (no .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd files there)"),
 ])
 def test_train_script_reports_unreadable_data_in_one_line(tmp_path, source, message):
     (tmp_path / "image.png").write_bytes((REPOSITORY / "CycleINR.png").read_bytes())
@@ -743,6 +743,16 @@ def test_one_volume_file_is_a_training_set(crops):
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
     listing.write_text(f"{crops.name}/a.nii.gz\r\n", encoding="utf-8-sig")  # Notepad's BOM and line ends
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
+
+
+def test_a_detached_nrrd_in_a_folder_is_a_volume(crops, tmp_path):
+    """Slicer and 3D tools write NRRD as a .nhdr header beside its data file: the header is the volume."""
+    folder = tmp_path / "detached"
+    folder.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(crops / "a.nii.gz")), str(folder / "a.nhdr"))
+    assert data.volume_paths(folder) == [folder / "a.nhdr"]  # not its data file
+    [volume] = data.load_volumes(folder, small_config(crops, tmp_path).data, NAMED_CONFIGS["light"].normalization)
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(sitk.ReadImage(str(crops / "a.nii.gz"))))
 
 
 def test_a_broken_link_or_a_volume_listed_twice_is_said(crops, tmp_path):
