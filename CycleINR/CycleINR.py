@@ -213,6 +213,7 @@ class CycleINRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.text = description
 
     def exit(self) -> None:
+        self._deviceTimer.stop()  # enter() starts it again while the check runs
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import BASELINES
-from .config import DEVICES
+from .config import DEVICE_HELP, DEVICES
 from .degrade import DEGRADATIONS
 from .errors import InputError
 from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
 from .geometry import slice_axis
-from .io import (VOLUME_SUFFIXES, check_name_encoding, check_parent_folder, partial_name, read_volume, resolved_folder,
+from .io import (FLOAT32_MAX, VOLUME_SUFFIXES, check_name_encoding, check_parent_folder, partial_name, read_volume, resolved_folder,
                  volume_files)
-from .metrics import CT_RANGE, FLOAT32_MAX, check_magnitude, lpips_availability
+from .metrics import CT_RANGE, lpips_availability
 from .progress import Reporter
 
 DEGRADATION_NOTES = {
@@ -58,7 +58,7 @@ def register(commands) -> None:
                         "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
     parser.add_argument("--weights", help="weights file for cycleinr (.safetensors); default: the bundled CT weights")
     parser.add_argument("--device", default="auto", choices=DEVICES,
-                        help="for cycleinr; auto: CUDA, then Apple MPS, then the CPU; gpu: CUDA, then Apple MPS, else an error (default: auto)")
+                        help=f"for cycleinr; {DEVICE_HELP}")
     parser.add_argument("--flip-ensemble", action="store_true",
                         help="cycleinr methods average two passes, the second over the slice-reversed input "
                              "(as `cycleinr upsample --flip-ensemble`; twice the time)")
@@ -99,7 +99,6 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         for path in paths:
             reporter.progress(len(done) / total, f"reading {_display_name(path)}")
             volume = read_volume(path)
-            check_magnitude(volume.array, str(path))
             volume_range = _volume_range(path, volume.array, value_range)
             axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
             name = _unique_name(path, names)

@@ -7,7 +7,7 @@ import argparse
 from .errors import InputError
 from .geometry import slice_axis
 from .io import check_output_path, read_volume
-from .metrics import NOISE_MIN_SLICE, check_magnitude, check_slice_size, noise_profile, significant
+from .metrics import check_noise_slices, noise_profile, significant
 from .progress import Reporter
 
 
@@ -33,11 +33,9 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         raise InputError("--plot needs a PNG file name")
     plot = check_output_path(args.plot, args.overwrite, suffixes=(".png",)) if args.plot else None
     volume = read_volume(args.volume)
-    check_magnitude(volume.array, args.volume)
     axis = slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
     numpy_axis = 2 - axis  # of ITK axis `axis`
-    check_slice_size(volume.array.shape, numpy_axis, args.volume, NOISE_MIN_SLICE,
-                     f"the {NOISE_MIN_SLICE}x{NOISE_MIN_SLICE} voxels a noise level is estimated from")
+    check_noise_slices(volume.array.shape, numpy_axis, args.volume)
     profile = noise_profile(volume.array, numpy_axis)
     if plot:
         from .figures import profile_figure, save_figure  # matplotlib only when drawing

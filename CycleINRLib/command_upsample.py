@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import engine, geometry, metrics
 from .checkpoint import load_model
-from .config import DEVICES
+from .config import DEVICE_HELP, DEVICES
 from .errors import InputError
 from .io import check_output_can_hold, check_output_path, read_volume, write_volume
 from .progress import Reporter
@@ -30,7 +30,7 @@ def register(commands) -> None:
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest (k for square pixels coarser than the slices)")
     parser.add_argument("--device", default="auto", choices=DEVICES,
-                        help="auto: CUDA, then Apple MPS, then the CPU; gpu: CUDA, then Apple MPS, else an error (default: auto)")
+                        help=DEVICE_HELP)
     parser.add_argument("--weights", help="weights file (.safetensors); default: the bundled CT weights")
     parser.add_argument("--keep-acquired-slices", action=argparse.BooleanOptionalAction, default=True,
                         help="copy acquired slices verbatim where output slices coincide with them (default: on)")
@@ -67,7 +67,6 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     reporter.set_stage("read")
     reporter.progress(0.0, f"reading {Path(args.input).name}")
     volume = read_volume(args.input)
-    metrics.check_magnitude(volume.array, args.input)
     check_output_can_hold(volume, output)
     axis = geometry.slice_axis(volume.spacing, None if args.axis == "auto" else int(args.axis))
     factor = args.factor if args.factor is not None else geometry.factor_for_spacing(volume.spacing[axis], args.spacing)
@@ -87,8 +86,13 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     )
     noise = None
     if args.noise_report:  # before the output is written: a cancel meanwhile leaves no file
-        reporter.progress(1.0, "measuring the noise of every slice")
-        noise = _noise_report(volume, result, axis)
+        try:
+            metrics.check_noise_slices(volume.array.shape, 2 - axis, args.input)
+        except InputError as error:
+            reporter.warning(f"{error}: no noise report")
+        else:
+            reporter.progress(1.0, "measuring the noise of every slice")
+            noise = _noise_report(volume, result, axis)
     reporter.set_stage("write")
     reporter.progress(1.0, f"writing {output.name}")
     write_volume(result, output, overwrite=args.overwrite)

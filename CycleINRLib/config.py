@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 DEVICES = ("auto", "cpu", "cuda", "mps", "gpu")  # what `--device`, `run.device` and the Slicer logic accept
+DEVICE_HELP = "auto: CUDA, then Apple MPS, then the CPU; gpu: CUDA, then Apple MPS, else an error (default: auto)"
 # Below it a CT holds no tissue but the padding outside the scanner's field of view (-2000,
 # -2048, -3024 HU, vendor by vendor); reconstructions and our training data stop at -1024.
 CT_FLOOR_HU = -1024.0

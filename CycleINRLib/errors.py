@@ -19,7 +19,8 @@ class UpsampleFailed(RuntimeError):
 
 
 class UpsampleCancelled(RuntimeError):
-    """Raised within one tile of a cancel request; no partial result is returned or written."""
+    """A cancelled run: the engine raises it within one tile of a cancel request, the Slicer
+    module on Cancel, Ctrl-C or an input that left the scene. Nothing partial is returned or written."""
 
 
 class ProgressReaderGone(UpsampleCancelled):

@@ -83,7 +83,7 @@ def parse_case(text: str) -> Case:
     """`k:r` -> Case; k / r must be an integer so the truth exists at every output slice.
 
     r is taken as k / (k / r rounded), the factor whose output slices fall exactly on thin
-    slices: 4:1.3333333333 and 4:1.33333333333 are one case, 4:1.33333 (4/3).
+    slices: 4:1.3333333333 and 4:1.33333333333 are one case, labelled 4:1.33333 (r = 4/3).
     """
     try:
         keep_text, factor_text = text.split(":")
@@ -94,13 +94,13 @@ def parse_case(text: str) -> Case:
         raise InputError(f"case {text}: k must be at least 2, not {keep_every}")
     try:
         check_factor(factor)
+        ratio = keep_every / factor
+        if ratio < 1 - 1e-9 or not math.isclose(ratio, round(ratio), abs_tol=1e-9):
+            raise InputError(f"k / r = {ratio:.10g} must be a whole number so that the truth exists at every output slice")
+        factor = check_factor(keep_every / round(ratio))  # 2:1.0000000001 is r = 1
     except InputError as error:
         raise InputError(f"case {text}: {error}") from None
-    ratio = keep_every / factor
-    if ratio < 1 - 1e-9 or not math.isclose(ratio, round(ratio), abs_tol=1e-9):
-        raise InputError(f"case {text}: k / r = {ratio:g} must be a whole number so that the truth exists "
-                         "at every output slice")
-    return Case(keep_every, keep_every / round(ratio))
+    return Case(keep_every, factor)
 
 
 def make_methods(names: Sequence[str], weights: str | None = None, device: str = "auto",

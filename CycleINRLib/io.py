@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from .errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4e38
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # what a folder of volumes holds
 SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
 ORTHOGONALITY_TOLERANCE = 1e-4  # direction matrices off by more are sheared
@@ -276,6 +277,11 @@ def validate_volume(volume: Volume, name: str) -> Volume:
         raise InputError(f"{name}: pixel type {array.dtype} is not supported")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise InputError(f"{name}: volume contains NaN or infinite voxels")
+    if array.dtype.itemsize > 4 and np.issubdtype(array.dtype, np.floating):  # float32 and integers cannot
+        largest = max(abs(float(array.min())), abs(float(array.max())))
+        if largest > FLOAT32_MAX:  # the model and the metrics would make inf and NaN of it
+            raise InputError(f"{name}: its values reach {largest:.3g}, beyond {FLOAT32_MAX:.3g}, the largest magnitude "
+                             "of single precision, in which the model and the metrics compute; rescale the volume")
     if min(volume.spacing) <= 0:
         raise InputError(f"{name}: spacing {volume.spacing} is not positive")
     return volume

@@ -30,7 +30,6 @@ NOISE_WAVELET = "db2"  # as scikit-image's estimate_sigma
 GAUSSIAN_MAD = NormalDist().inv_cdf(0.75)  # 0.6745: median |x| of a unit Gaussian
 FLAT_TOLERANCE = 1e-9  # relative to the slice's largest |value|: a coefficient this small is rounding
 ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"  # torchvision's file name, the backbone of LPIPS-alex
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4e38
 NOISE_MIN_SLICE = 7  # a 7x7 slice has 5x5 finest diagonal db2 coefficients to take the median of
 
 
@@ -80,21 +79,18 @@ def significant(value: float, digits: int = 5) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def check_magnitude(array: np.ndarray, name: str) -> None:
-    """InputError for values beyond float32's range: the methods and the metrics compute in
-    float32, and SNLI squares the noise levels, which overflows even float64 near 1e154."""
-    largest = max(abs(float(array.min())), abs(float(array.max())))
-    if largest > FLOAT32_MAX:
-        raise InputError(f"{name}: its values reach {largest:.3g}, beyond {FLOAT32_MAX:.3g}, the largest magnitude of "
-                         "single precision, in which the methods and metrics compute; rescale the volume")
-
-
 def check_slice_size(shape: Sequence[int], axis: int, name: str, side: int, smallest: str) -> None:
     """InputError unless the slices across numpy `axis` are at least `side` voxels each way;
     `smallest` says what needs that many ("SSIM's 7x7 window")."""
     slice_shape = [n for a, n in enumerate(shape) if a != axis]
     if min(slice_shape) < side:
         raise InputError(f"{name}: slices of {slice_shape[1]}x{slice_shape[0]} voxels are smaller than {smallest}")
+
+
+def check_noise_slices(shape: Sequence[int], axis: int, name: str) -> None:
+    """InputError unless the slices across numpy `axis` are large enough for a noise level."""
+    side = NOISE_MIN_SLICE
+    check_slice_size(shape, axis, name, side, f"the {side}x{side} voxels a noise level is estimated from")
 
 
 def clip_to_range(array: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:

@@ -61,7 +61,9 @@ def test_cases_are_parsed_and_refused_with_a_reason():
     assert parse_case("5:2.5") == Case(5, 2.5) and parse_case("5:2.5").step == 2
     assert parse_case("3:3").label == "3:3"
     for text, reason in [("5:2", "whole number"), ("5", "k:r"), ("a:2", "k:r"), ("1:1", "at least 2"),
-                         ("4:0.5", "case 4:0.5: factor must be greater than 1")]:
+                         ("4:0.5", "case 4:0.5: factor must be greater than 1"),
+                         ("2:1.0000000001", "case 2:1.0000000001: factor must be greater than 1, not 1"),  # r = 2/2
+                         ("4:1.3333333", "k / r = 3.000000075 must be a whole number")]:
         with pytest.raises(InputError, match=reason):
             parse_case(text)
 

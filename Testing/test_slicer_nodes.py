@@ -247,6 +247,7 @@ def test_requests_that_would_fail_later_are_refused_before_anything_is_written(o
         (node(volumes.astype(np.int8)), factor, None, "pixel type int8"),
         (node(volumes[:1]), factor, None, "is 2D (a single slice)"),
         (node(nan), factor, None, "contains NaN or infinite voxels"),
+        (node(volumes.astype(np.float64) + 1e300), factor, None, "its values reach 1e+300, beyond 3.4e+38"),
         (oblique_mr, UpsampleOptions(device="cpu"), None, "give either an upsampling factor or a target slice spacing"),
         (oblique_mr, UpsampleOptions(factor=2.0, spacing=2.0), None, "give either an upsampling factor or"),
         (oblique_mr, UpsampleOptions(factor=2.0, device="tpu"), None, "device must be one of"),
@@ -352,6 +353,22 @@ def test_a_node_removed_while_the_run_goes_on_cancels_it_at_the_next_poll(obliqu
         time.sleep(0.05)
     with pytest.raises(UpsampleCancelled, match=f"{'big' if removed == 'input' else 'chosen output'}' left the scene"):
         run.finish()
+
+
+def test_the_blocking_call_cancels_when_the_input_goes_while_it_waits(oblique_mr, scene, temp_folders):
+    """The console call lets Slicer process events while it waits, so the user can delete the
+    input meanwhile: the run stops then, as the panel's does, not at its end."""
+    inputNode = volume_node(scene, sitk.GetImageFromArray(np.tile(arrayFromVolumeNode(oblique_mr), (3, 4, 4))), "big")
+    run = job(inputNode, temp_folders, factor=3.0)
+    progress = []
+
+    def events() -> None:  # Slicer's processEvents: the user removes the volume once the model runs
+        if progress and inputNode.GetScene() is not None:
+            scene.RemoveNode(inputNode)
+
+    with pytest.raises(UpsampleCancelled, match="'big' left the scene during the run; nothing was added"):
+        run.wait(lambda fraction, message: progress.append(fraction), idle=events)
+    assert run.process._cancelRequested
 
 
 def test_the_output_records_the_axis_that_was_upsampled(oblique_mr, scene, temp_folders):

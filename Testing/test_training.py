@@ -468,7 +468,7 @@ def test_a_run_that_diverges_stops_in_one_line_and_keeps_its_finite_checkpoints(
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     stopped = re.search(r"^train\.py: error: the gradient norm became (nan|inf) at step (\d+) \(optim\.lr 1e\+30\); "
-                        r"(.+) holds the last weights: train again with a lower optim\.lr in a new run\.out_dir$",
+                        r"(.+) holds the last saved weights: train again with a lower optim\.lr in a new run\.out_dir$",
                         result.stderr, re.M)
     assert stopped, result.stderr
     checkpoints = checkpointing.list_checkpoints(run)
@@ -767,6 +767,10 @@ def test_a_broken_link_or_a_volume_listed_twice_is_said(crops, tmp_path):
     listing.write_text(f"{crops.name}/a.nii.gz\n{crops.name}/b.nii.gz\n./{crops.name}/a.nii.gz\n")
     with pytest.warns(data.TrainingDataWarning, match=rf"\./{crops.name}/a\.nii\.gz is listed twice; reading it once"):
         assert data.volume_paths(listing) == [crops / "a.nii.gz", crops / "b.nii.gz"]
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    listing.write_text(f"{loop}\n{crops.name}/a.nii.gz\n")  # the loop is skipped when read, like a missing file
+    assert data.volume_paths(listing) == [loop, crops / "a.nii.gz"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is there")

@@ -60,7 +60,8 @@ def volume_paths(source: str | Path) -> list[Path]:
     source = Path(source)
     if source.is_dir():
         for link in sorted(source.iterdir()):
-            if link.is_symlink() and not link.exists() and link.name.lower().endswith(VOLUME_SUFFIXES):
+            if (link.is_symlink() and not link.exists() and not link.name.startswith(".")
+                    and link.name.lower().endswith(VOLUME_SUFFIXES)):
                 warnings.warn(f"skipping {link}: a link to {os.readlink(link)}, which is not there",
                               TrainingDataWarning, stacklevel=2)
         return volume_files(source)
@@ -76,9 +77,10 @@ def volume_paths(source: str | Path) -> list[Path]:
         for line in lines:
             if line and not line.startswith("#"):
                 path = source.parent / line
-                if path.resolve() in listed:
+                real = os.path.realpath(path)  # not Path.resolve, which raises on a link that loops
+                if real in listed:
                     warnings.warn(f"{source}: {line} is listed twice; reading it once", TrainingDataWarning, stacklevel=2)
-                listed.setdefault(path.resolve(), path)
+                listed.setdefault(real, path)
         return list(listed.values())
     raise DataSourceError(f"{source}: no such folder, volume file or list file")
 

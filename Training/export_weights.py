@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
     try:
-        if args.output.resolve() == args.checkpoint.with_suffix(".safetensors").resolve():  # before "pass --overwrite"
+        # before "pass --overwrite"; realpath, since Path.resolve raises on a link that loops
+        if os.path.realpath(args.output) == os.path.realpath(args.checkpoint.with_suffix(".safetensors")):
             raise ValueError(f"{args.output}: holds the checkpoint's own tensors; write the weights to another file")
         output = check_output_path(args.output, args.overwrite, suffixes=(".safetensors",))
         print(f"wrote {export(args.checkpoint, output, args.data_note)}")

@@ -139,8 +139,9 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         try:
             terms, grad_norm = train_step(objective, model, optimizer, step_batches, config.optim, device, amp)
         except TrainingDiverged as diverged:
-            newest = checkpointing.list_checkpoints(out_dir)
-            kept = f"{newest[-1]} holds the last weights" if newest else "no checkpoint was written"
+            # not a newer one that this run's resume skipped as unreadable
+            passed = [path for path in checkpointing.list_checkpoints(out_dir) if checkpointing.checkpoint_step(path) <= step]
+            kept = f"{passed[-1]} holds the last saved weights" if passed else "no checkpoint was written"
             raise TrainingDiverged(f"{diverged} at step {step + 1} (optim.lr {config.optim.lr:g}); {kept}: train "
                                    "again with a lower optim.lr in a new run.out_dir") from None
         scheduler.step()

@@ -31,6 +31,7 @@ SLICE_AXIS_ATTRIBUTE = "CycleINR.sliceAxis"  # on the output node: the IJK axis 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 FOLDER_PREFIX = "CycleINR-run-{pid}-"  # the pid of the Slicer that owns the folder
 OWNED_FOLDER = re.compile(r"CycleINR-run-(\d+)-")
+CANCELLED = "upsampling was cancelled; nothing was written"
 
 
 SCALAR_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"  # not its label-map, vector, DWI or DTI subclasses
@@ -145,13 +146,17 @@ class UpsampleJob:
             raise
 
     def poll(self) -> list:
-        """The process's new events; a run whose input or output node left the scene, or whose
-        input was moved (its geometry or parent transform changed), is cancelled."""
+        """The process's new events, after `_cancelIfAbandoned`."""
+        self._cancelIfAbandoned()
+        return self.process.poll()
+
+    def _cancelIfAbandoned(self) -> None:
+        """Cancel a run whose input or output node left the scene, or whose input was moved
+        (its geometry or parent transform changed)."""
         if self.abandonMessage is None:
             self.abandonMessage = self._abandonMessage()
             if self.abandonMessage is not None:
                 self.process.cancel()
-        return self.process.poll()
 
     @property
     def finished(self) -> bool:
@@ -166,25 +171,34 @@ class UpsampleJob:
             try:
                 result = self.process.outcome()
             except UpsampleCancelled:
-                raise UpsampleCancelled(self.abandonMessage or "upsampling was cancelled; nothing was written") from None
+                raise UpsampleCancelled(self.abandonMessage or CANCELLED) from None
             try:
                 return self._readOutput(result["output"])
             except KeyboardInterrupt:  # Ctrl-C in the read-back: _readOutput undid what it had changed
-                raise UpsampleCancelled("upsampling was cancelled; nothing was written") from None
+                raise UpsampleCancelled(CANCELLED) from None
             except OSError as error:  # read back outside the scene: nothing there has changed
                 raise UpsampleFailed(f"{error}; nothing was changed") from None
         finally:
             self.cleanup()
 
     def wait(self, progressCallback: Optional[ProgressCallback] = None, idle: Optional[Callable[[], None]] = None):
-        """Run to the end, blocking (`idle` is called between polls); returns the output node or raises."""
+        """Run to the end, blocking; returns the output node or raises. `idle` is called between
+        polls (Slicer's processEvents): what the user does meanwhile can cancel the run, as in `poll`."""
+        def between() -> None:
+            if idle is not None:
+                idle()
+            self._cancelIfAbandoned()
+
         try:
             if self.process is None:
                 self.start()  # writing the input takes seconds for a large volume: Ctrl-C may land there
-            self.process.wait(progressCallback, idle=idle)
+            self.process.wait(progressCallback, idle=between)
         except KeyboardInterrupt:  # Ctrl-C in Slicer's console: the process is stopped
             self.cleanup()
-            raise UpsampleCancelled("upsampling was cancelled; nothing was written") from None
+            raise UpsampleCancelled(CANCELLED) from None
+        except UpsampleCancelled:
+            self.cleanup()
+            raise UpsampleCancelled(self.abandonMessage or CANCELLED) from None
         except BaseException:
             self.cleanup()
             raise

@@ -117,7 +117,10 @@ class DeviceProbe:
         self._thread.start()
 
     def _run(self, python) -> None:
-        self._facts = probeDevices(python)
+        try:
+            self._facts = probeDevices(python)
+        except Exception as error:  # noqa: BLE001 - the panel would otherwise say "Detecting devices..." for ever
+            self._facts = {"error": f"the device check failed: {error}"}
 
     def result(self) -> Optional[dict]:
         """The facts once the check has finished, None while it runs."""
