@@ -45,9 +45,9 @@ def register(commands) -> None:
     parser.add_argument("--output-dir", "-o", required=True,
                         help="folder for results.csv, results.md and the pictures (created; or pass --overwrite)")
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="K:R",
-                        help="keep every k-th slice, upsample by r; k/r must be whole (default: %(default)s)")
+                        help=f"keep every k-th slice, upsample by r; k/r must be whole (default: {' '.join(DEFAULT_CASES)})")
     parser.add_argument("--methods", nargs="+", default=[*BASELINES, "cycleinr"], choices=METHODS,
-                        help="default: %(default)s; cycleinr and cycleinr-noise use --weights")
+                        help=f"default: {' '.join([*BASELINES, 'cycleinr'])}; cycleinr and cycleinr-noise use --weights")
     parser.add_argument("--degradation", nargs="+", default=["interval"], choices=DEGRADATIONS,
                         help="how the thick-slice input is made: interval keeps every k-th slice, thick averages "
                              "a box k slices wide around it; both can be given (default: interval)")
@@ -55,7 +55,8 @@ def register(commands) -> None:
                         help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest (k for square pixels coarser than the slices)")
     parser.add_argument("--range", dest="value_range", default="ct", metavar="ct|truth|LOW:HIGH",
                         help="clip values to this range before PSNR/SSIM, its width being the data range; "
-                        "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max")
+                        "ct: -1024:3071 HU (4095, default); truth: each truth volume's min:max; a negative LOW is written "
+                        "--range=LOW:HIGH")
     parser.add_argument("--weights", help="weights file for cycleinr (.safetensors); default: the bundled CT weights")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help=f"for cycleinr; {DEVICE_HELP}")

@@ -6,7 +6,7 @@ import argparse
 
 from .errors import InputError
 from .geometry import slice_axis
-from .io import check_output_path, read_volume
+from .io import INPUT_HELP, check_output_path, read_volume
 from .metrics import check_noise_slices, noise_profile, significant
 from .progress import Reporter
 
@@ -18,7 +18,7 @@ def register(commands) -> None:
         description="Estimate each slice's noise level (Donoho-Johnstone wavelet estimator) and print "
         "SNLI, their standard deviation (paper eq. 10), and their mean, in image units (HU for CT).",
     )
-    parser.add_argument("volume", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
+    parser.add_argument("volume", help=INPUT_HELP)
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest (k for square pixels coarser than the slices)")
     parser.add_argument("--json", action="store_true",

@@ -11,7 +11,7 @@ from . import engine, geometry, metrics
 from .checkpoint import load_model
 from .config import DEVICE_HELP, DEVICES
 from .errors import InputError
-from .io import check_output_can_hold, check_output_path, read_volume, write_volume
+from .io import INPUT_HELP, check_output_can_hold, check_output_path, read_volume, write_volume
 from .progress import Reporter
 
 
@@ -22,7 +22,7 @@ def register(commands) -> None:
         description="Upsample the slice axis of a CT or MR volume with CycleINR. "
         "Output slice j lies at input slice coordinate j/r; origin and direction are kept.",
     )
-    parser.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
+    parser.add_argument("input", help=INPUT_HELP)
     parser.add_argument("output", help="output file (.nii, .nii.gz, .nrrd or .mha)")
     amount = parser.add_mutually_exclusive_group(required=True)
     amount.add_argument("--factor", type=float, help=f"upsampling factor r, 1 < r <= {geometry.MAX_FACTOR:g}, may be fractional (2.5)")
@@ -43,7 +43,8 @@ def register(commands) -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 arithmetic: 1.7 to 1.9 times faster on a CPU with AMX, PSNR within 0.01 dB of the default float32; slower where bfloat16 is emulated (default: off)")
     parser.add_argument("--max-memory", type=float, default=engine.DEFAULT_MAX_MEMORY_GB, metavar="GB",
-                        help=f"memory budget in GB for arrays and tiles (default {engine.DEFAULT_MAX_MEMORY_GB:g})")
+                        help=f"memory budget in GB for arrays and tiles, about 0.5 GB for Python and torch included "
+                             f"(default {engine.DEFAULT_MAX_MEMORY_GB:g})")
     parser.add_argument("--noise-report", action="store_true",
                         help="also measure each slice's noise level in input and output and report their SNLI "
                              "(with --json-progress: the per-slice levels too; a few milliseconds per slice)")

@@ -25,6 +25,7 @@ from .errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # single-file formats: atomic rename
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4e38
+INPUT_HELP = "NIfTI, NRRD, MHA/MHD file, a DICOM series folder or any one file of a DICOM series"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # what a folder of volumes holds
 SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps
 ORTHOGONALITY_TOLERANCE = 1e-4  # direction matrices off by more are sheared

@@ -123,11 +123,11 @@ def _gain(reference_error: float, error: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("volume", type=Path, help="thin-slice CT; its third (k, slice) axis is the one degraded")
-    parser.add_argument("--cases", nargs="+", default=["2:2", "5:5"], help="k:r cases as in cycleinr evaluate")
-    parser.add_argument("--methods", nargs="+", default=["linear", "cycleinr"], help="the first is the reference")
+    parser.add_argument("--cases", nargs="+", default=["2:2", "5:5"], help="k:r cases as in cycleinr evaluate (default: 2:2 5:5)")
+    parser.add_argument("--methods", nargs="+", default=["linear", "cycleinr"], help="the first is the reference (default: linear cycleinr)")
     parser.add_argument("--weights", help="CycleINR weights (default: the bundled CT weights)")
-    parser.add_argument("--degradation", default="interval", choices=("interval", "thick"))
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--degradation", default="interval", choices=("interval", "thick"), help="default: interval")
+    parser.add_argument("--device", default="auto", help="for cycleinr (default: auto)")
     parser.add_argument("--window", type=int, help="also CycleINR decoded from this many acquired slices per interval")
     args = parser.parse_args(argv)
     if args.window is not None and args.window < 2:

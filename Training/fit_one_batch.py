@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see Training/configs)")
     parser.add_argument("--scale", type=float, default=3.0, help="upsampling scale of the batch (default 3)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=150, help="steps on the one batch (default 150)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.pixel_loss=l1")
     args = parser.parse_intermixed_args(argv)
     data.warnings_in_one_line()

@@ -49,7 +49,7 @@ def markdown(rows: dict[str, dict[str, float]], cases: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("items", nargs="+", metavar="WEIGHTS_OR_OVERRIDE",
+    parser.add_argument("items", nargs="+", metavar="WEIGHTS_OR_CHECKPOINT_OR_OVERRIDE",
                         help=".safetensors weights files or step-NNNNNNN.json checkpoints, and section.key=value "
                              "overrides of the config, e.g. run.val_crop=[64,192,192]")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"whose validation to use (default {DEFAULT_CONFIG.name})")
