@@ -79,21 +79,25 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     if unexpected := weights.config.normalization.unexpected_input(volume.array):
         reporter.warning(f"{unexpected}; {weights.path.name} expects CT")
 
+    try:  # noise matching and the noise report need slices a noise level can be estimated from
+        metrics.check_noise_slices(volume.array.shape, 2 - axis, args.input)
+        too_small = None
+    except InputError as error:
+        too_small = str(error)
+    for option, given in (("noise matching", args.match_noise), ("noise report", args.noise_report)):
+        if given and too_small:
+            reporter.warning(f"{too_small}: no {option}")
+
     reporter.set_stage("upsample")
     result = engine.upsample_volume(
         volume, model, factor=factor, axis=axis, device=device,
         keep_acquired_slices=args.keep_acquired_slices, max_memory_gb=args.max_memory, progress=reporter.progress,
-        match_noise=args.match_noise, flip_ensemble=args.flip_ensemble, bf16=args.bf16,
+        match_noise=args.match_noise and not too_small, flip_ensemble=args.flip_ensemble, bf16=args.bf16,
     )
     noise = None
-    if args.noise_report:  # before the output is written: a cancel meanwhile leaves no file
-        try:
-            metrics.check_noise_slices(volume.array.shape, 2 - axis, args.input)
-        except InputError as error:
-            reporter.warning(f"{error}: no noise report")
-        else:
-            reporter.progress(1.0, "measuring the noise of every slice")
-            noise = _noise_report(volume, result, axis)
+    if args.noise_report and not too_small:  # before the output is written: a cancel meanwhile leaves no file
+        reporter.progress(1.0, "measuring the noise of every slice")
+        noise = _noise_report(volume, result, axis)
     reporter.set_stage("write")
     reporter.progress(1.0, f"writing {output.name}")
     write_volume(result, output, overwrite=args.overwrite)

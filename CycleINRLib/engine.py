@@ -270,7 +270,13 @@ def _keep_out_of_field(result: np.ndarray, slices: np.ndarray, positions: np.nda
     lower = np.minimum(np.floor(positions).astype(int), len(slices) - 1)
     upper = np.minimum(lower + 1, len(slices) - 1)
     for out_slice, below, above, weight in zip(result, lower, upper, positions - lower):
-        outside = (slices[below] < floor) & (slices[above] < floor)
+        # on an acquired slice (--no-keep-acquired-slices) its own padding is enough
+        if weight < geometry.COINCIDENCE_TOLERANCE:
+            outside, weight = slices[below] < floor, 0.0
+        elif weight > 1 - geometry.COINCIDENCE_TOLERANCE:
+            outside, weight = slices[above] < floor, 1.0
+        else:
+            outside = (slices[below] < floor) & (slices[above] < floor)
         if outside.any():
             out_slice[outside] = (1 - weight) * slices[below][outside] + weight * slices[above][outside]
 

@@ -101,16 +101,22 @@ def _upsample_with_and_without(option, ct_crop, tmp_path):
     return runs
 
 
-def test_a_noise_report_on_slices_too_small_for_one_is_a_warning_not_a_failure(tmp_path):
-    """The volume itself upsamples; only its noise levels (as `cycleinr snli` refuses them) are left out."""
+def test_noise_options_on_slices_too_small_for_a_noise_level_are_a_warning_not_a_failure(tmp_path):
+    """The volume itself upsamples; only noise matching and the noise report, which need a noise
+    level per slice (`cycleinr snli` refuses such slices), are left out, each with a warning."""
     narrow = _write(tmp_path, "narrow.nii.gz", np.arange(6 * 5 * 40, dtype=np.int16).reshape(6, 5, 40), (1.0, 1.0, 5.0))
+    plain = tmp_path / "plain.nii.gz"
+    assert cycleinr("upsample", narrow, plain, "--factor", "2", "--device", "cpu").returncode == 0
     result = cycleinr("upsample", narrow, tmp_path / "up.nii.gz", "--factor", "2", "--device", "cpu", "--noise-report",
-                      "--json-progress")
+                      "--match-noise", "--json-progress")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
+    too_small = f"{narrow}: slices of 40x5 voxels are smaller than the 7x7 voxels a noise level is estimated from"
     assert [e["message"] for e in events if e["event"] == "warning" and "noise" in e["message"]] == [
-        f"{narrow}: slices of 40x5 voxels are smaller than the 7x7 voxels a noise level is estimated from: no noise report"]
+        f"{too_small}: no noise matching", f"{too_small}: no noise report"]
     assert events[-1]["event"] == "done" and "noise" not in events[-1]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "up.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(plain))))
 
 
 def test_match_noise_adds_noise_to_generated_slices_only(ct_crop, tmp_path):

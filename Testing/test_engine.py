@@ -302,6 +302,13 @@ def test_padding_is_kept_where_it_lies_on_both_sides_of_a_new_slice(model):
     padded[1, :4, :4] = -2048  # another scanner's padding value: interpolated, each side by its distance
     quarters = engine.upsample_array(padded, 4.0, model)[1:4, :4, :4]
     assert [np.unique(plane).tolist() for plane in quarters] == [[-2780], [-2536], [-2292]]
+    # regenerated acquired slices keep their own padding, also where a neighbour has none (slice 3;
+    # the first slice too, which the flip ensemble makes the last)
+    padded[0, :4, 4:8] = padded[3, :4, :4] = -3024
+    regenerated = engine.upsample_array(padded, 2.0, model, keep_acquired_slices=False)
+    assert (regenerated[0, :4, 4:8] == -3024).all() and (regenerated[6, :4, :4] == -3024).all()
+    flipped = engine.upsample_array(padded, 2.0, model, keep_acquired_slices=False, flip_ensemble=True)
+    assert (flipped[0, :4, 4:8] == -3024).all() and (flipped[6, :4, :4] == -3024).all()
 
 
 def test_percentile_normalization_follows_the_input_and_is_undone():

@@ -55,6 +55,37 @@ def test_generated_slices_reach_the_acquired_noise_level(thin_ct, keep_every, fa
     assert 0 < cost < 0.5  # noise is not information: it costs a little PSNR, not much
 
 
+def test_flat_regions_of_both_neighbours_get_no_noise_whatever_their_value(thin_ct):
+    """Air clipped at -1024 HU and saturation lie above the volume's lowest value (the padding at
+    -2048): the acquired slices hold no noise there, so generated ones may not, or the volume flickers."""
+    volume = thin_ct.copy()
+    volume[:, 30:96, :50] = -1024  # clipped air
+    volume[:, :20, 70:] = 3071  # saturated
+    low = degrade(volume, 2)
+    linear = interpolate(low, 2.0, method="linear")
+    matched = linear.copy()
+    add_missing_noise(matched, low, 2.0)
+    for region in (np.s_[:, 30:96, :50], np.s_[:, :20, 70:], np.s_[:, :12, :12]):
+        assert np.array_equal(matched[region], linear[region])
+    assert not np.array_equal(matched, linear)
+
+
+def test_an_integer_volume_reaches_the_level_as_written(thin_ct):
+    """Rounded to int16, the model's near-flat air (-1023.6, -1024.2) becomes flat, which the noise
+    estimator leaves out: the level is matched on the values as written, not overshot."""
+    volume = thin_ct.copy()
+    volume[:, 30:96, :50] = -1024
+    low = degrade(volume, 4).astype(np.int16)
+    model_like = interpolate(low.astype(np.float32), 4.0, method="linear")
+    model_like += np.random.default_rng(3).normal(0, 0.3, model_like.shape).astype(np.float32)  # not quite flat
+    add_missing_noise(model_like, low, 4.0)
+    acquired = [out for out, _ in geometry.acquired_slice_matches(low.shape[0], 4.0)]
+    generated = np.setdiff1d(np.arange(model_like.shape[0]), acquired)
+    target = np.interp(generated / 4.0, np.arange(low.shape[0]), metrics.slice_noise_levels(low))
+    written = metrics.slice_noise_levels(np.rint(model_like[generated]))
+    assert np.allclose(written, target, rtol=0.08), np.round(written / target, 3)
+
+
 def test_same_seed_same_noise_and_nothing_added_to_noise_free_slices(thin_ct):
     low = degrade(thin_ct, 2)
     first, second, other = (interpolate(low, 2.0, method="linear") for _ in range(3))
