@@ -87,12 +87,13 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     for option, given in (("noise matching", args.match_noise), ("noise report", args.noise_report)):
         if given and too_small:
             reporter.warning(f"{too_small}: no {option}")
+    match_noise = args.match_noise and not too_small
 
     reporter.set_stage("upsample")
     result = engine.upsample_volume(
         volume, model, factor=factor, axis=axis, device=device,
         keep_acquired_slices=args.keep_acquired_slices, max_memory_gb=args.max_memory, progress=reporter.progress,
-        match_noise=args.match_noise and not too_small, flip_ensemble=args.flip_ensemble, bf16=args.bf16,
+        match_noise=match_noise, flip_ensemble=args.flip_ensemble, bf16=args.bf16,
     )
     noise = None
     if args.noise_report and not too_small:  # before the output is written: a cancel meanwhile leaves no file
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         "size": list(result.size), "spacing": list(result.spacing),
         "origin": list(result.origin), "direction": list(result.direction),
         "axis": axis, "factor": factor, "device": str(device), "weights": str(weights.path),
-        "trained": weights.trained, "keep_acquired_slices": args.keep_acquired_slices, "match_noise": args.match_noise,
+        "trained": weights.trained, "keep_acquired_slices": args.keep_acquired_slices, "match_noise": match_noise,
         "flip_ensemble": args.flip_ensemble, "bf16": args.bf16, "seconds": round(seconds, 2),
     }
     if noise is not None:

@@ -114,7 +114,7 @@ def test_noise_options_on_slices_too_small_for_a_noise_level_are_a_warning_not_a
     too_small = f"{narrow}: slices of 40x5 voxels are smaller than the 7x7 voxels a noise level is estimated from"
     assert [e["message"] for e in events if e["event"] == "warning" and "noise" in e["message"]] == [
         f"{too_small}: no noise matching", f"{too_small}: no noise report"]
-    assert events[-1]["event"] == "done" and "noise" not in events[-1]
+    assert events[-1]["event"] == "done" and "noise" not in events[-1] and events[-1]["match_noise"] is False
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "up.nii.gz"))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(plain))))
 
