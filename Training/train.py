@@ -49,7 +49,7 @@ class ResumeError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The gradient became NaN or infinite: the step is not taken and nothing more is saved,
-    so the checkpoints hold the last finite weights."""
+    so every checkpoint holds finite weights (the newest at most run.checkpoint_every steps back)."""
 
 
 def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
