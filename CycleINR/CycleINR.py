@@ -565,7 +565,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
                 logging.warning("Upsample slices: %s %s is not a version pip reads; not pinned", name, version)
                 continue  # pip would refuse the whole constraints file
             pins.append(f"{name}=={version}\n")
-        with open(path, "w") as constraints:
+        with open(path, "w", encoding="utf-8") as constraints:
             constraints.writelines(pins)
         return path
 

@@ -79,7 +79,7 @@ def _null_for_closed_streams() -> None:
     (`2>&-`); the messages then go nowhere instead of failing the run."""
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
-            setattr(sys, name, open(os.devnull, "w"))
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:

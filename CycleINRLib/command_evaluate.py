@@ -120,7 +120,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         write_csv(rows, staging / "results.csv")
         notes = _notes(degradations, methods, truths, ranges, lpips, lpips_reason)
         table = markdown_table(rows, notes)
-        (staging / "results.md").write_text(table)
+        (staging / "results.md").write_text(table, encoding="utf-8")
         written = sorted(p.name for p in staging.iterdir())
         _publish(staging, output_dir)
     except OSError as error:  # a full disk: the staging folder goes, and nothing was published

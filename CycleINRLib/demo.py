@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CycleINR weights: {weights.label}",
         "PSNR/SSIM on HU clipped to [-1024, 3071], data range 4095; SNLI in HU, truth's in brackets",
     ])
-    (folder / "metrics.md").write_text(table)
+    (folder / "metrics.md").write_text(table, encoding="utf-8")
     print(table)
     print(f"written to {folder.resolve()}: volumes (.nii.gz), phantom_views.png, phantom_noise_profile.png, metrics.md")
     return 0

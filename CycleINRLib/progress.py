@@ -34,7 +34,7 @@ class Reporter:
             self._emit(event="progress", fraction=round(float(fraction), 4), stage=self.stage, message=message)
             return
         if self._bar is None:
-            self._bar = tqdm(total=1000, unit="‰", file=sys.stderr, leave=False, disable=None,
+            self._bar = tqdm(total=1000, file=sys.stderr, leave=False, disable=None,
                              bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
         self._bar.set_description_str(f"{self.stage}: {message}"[:60])
         self._bar.update(max(0, int(fraction * 1000) - self._bar.n))

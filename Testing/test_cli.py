@@ -26,7 +26,7 @@ THICK_SLICE_CT = "demo/lung-pet-ct-dx-a0002_chest_ct_8mm.nii.gz"
 
 def cycleinr(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "CycleINRLib.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, timeout=timeout, cwd=REPO, encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -445,7 +445,7 @@ def test_upsample_leaves_plotting_and_statistics_unloaded(tmp_path):
     script = ("import json, sys; from CycleINRLib.cli import main; "
               f"code = main(['upsample', {str(good)!r}, {str(tmp_path / 'out.nii.gz')!r}, '--factor', '2', '--device', 'cpu']); "
               "print(json.dumps([code, sorted(m for m in ('matplotlib', 'scipy.stats', 'scipy.sparse') if m in sys.modules)]))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300, cwd=REPO, encoding="utf-8")
     assert json.loads(result.stdout.splitlines()[-1]) == [0, []], result.stderr
 
 
@@ -454,8 +454,7 @@ def _upsampling_process(ct_crop, output: Path) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output), "--factor", "6",
          "--json-progress", "--max-memory", "0.65"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO)
     for line in process.stdout:
         if json.loads(line).get("stage") == "upsample":
             break
@@ -475,8 +474,8 @@ def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop,
     """NIfTI's writer reports a short write on stderr only and carries on: the command must not say done."""
     output = tmp_path / f"up{suffix}"
     result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output),
-                             "--factor", "4", "--json-progress"], capture_output=True, text=True, timeout=300,
-                            cwd=REPO, preexec_fn=_file_size_limit(64 * 1024))
+                             "--factor", "4", "--json-progress"], capture_output=True, timeout=300,
+                            cwd=REPO, preexec_fn=_file_size_limit(64 * 1024), encoding="utf-8")
     assert result.returncode == 2, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["event"] == "error" and "cannot be written" in events[-1]["message"]
@@ -487,7 +486,7 @@ def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop,
 def test_an_snli_plot_that_cannot_be_written_whole_is_one_line_naming_it(ct_crop, tmp_path):
     plot = tmp_path / "profile.png"
     result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "snli", str(ct_crop), "--plot", str(plot)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, preexec_fn=_file_size_limit(8 * 1024))
+                            capture_output=True, timeout=300, cwd=REPO, preexec_fn=_file_size_limit(8 * 1024), encoding="utf-8")
     assert_refused(result, plot, f"{plot}: cannot be written (File too large)")
 
 
@@ -514,7 +513,7 @@ def test_closed_or_full_standard_streams_do_not_fail_a_finished_run(ct_crop, tmp
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     piped.stdout.close()  # the reader of `| true` has gone before the summary
     assert piped.wait(timeout=300) == 0 and b"Traceback" not in piped.stderr.read()
-    with open("/dev/full", "w") as full:
+    with open("/dev/full", "w", encoding="utf-8") as full:
         assert subprocess.run(command + [str(tmp_path / "full.nii.gz"), "--factor", "2"], cwd=REPO, stdout=full,
                               timeout=300).returncode == 0
     closed = subprocess.run(command + [str(tmp_path / "closed.nii.gz"), "--factor", "2"], cwd=REPO,
@@ -522,7 +521,7 @@ def test_closed_or_full_standard_streams_do_not_fail_a_finished_run(ct_crop, tmp
     assert closed.returncode == 0
     (tmp_path / "in").mkdir()
     not_ct = _write(tmp_path / "in", "mr.nii.gz", np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16), (1.0, 1.0, 4.0))
-    with open("/dev/full", "w") as full:  # its "does not look like CT" warning goes nowhere
+    with open("/dev/full", "w", encoding="utf-8") as full:  # its "does not look like CT" warning goes nowhere
         assert subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(not_ct),
                                str(tmp_path / "warned.nii.gz"), "--factor", "2"], cwd=REPO, stderr=full,
                               timeout=300).returncode == 0
@@ -534,8 +533,8 @@ def test_a_run_under_nohup_outlives_its_terminal(ct_crop, tmp_path):
     """`nohup` sets SIGHUP to be ignored: cancelling on it would end every detached run at logout."""
     process = subprocess.Popen([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop),
                                 str(tmp_path / "detached.nii.gz"), "--factor", "6", "--json-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN), encoding="utf-8")
     for line in process.stdout:
         if json.loads(line).get("stage") == "upsample":
             break

@@ -29,7 +29,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def cli(*arguments, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "CycleINRLib.cli", *map(str, arguments)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+                          capture_output=True, cwd=cwd, timeout=300, encoding="utf-8")
 
 
 @pytest.mark.parametrize("factor", [2.0, 2.5, 3.7])
@@ -142,7 +142,7 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
     huge = write_volume(Volume(noisy_truth(slices=11, size=16) * 1e300, (1.0, 1.0, 2.0), (0, 0, 0), identity),
                         tmp_path / "huge.mha")  # float64; float32 metrics overflow, and SNLI squares it to inf
     (tmp_path / "folder.png").mkdir()
-    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "afile").write_text("not a folder", encoding="utf-8")
     highest = read_volume(volume).array.max()
     for arguments, reason in [
         (("evaluate", volume, "-o", tmp_path / "out", "--cases", "5:2"), "whole number"),
@@ -188,13 +188,13 @@ def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(t
     volume, out = tmp_path / "v.nii.gz", tmp_path / "out"
     write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), volume)
     (out / "results.md").mkdir(parents=True)
-    (out / "results.csv").write_text("an earlier result\n")
+    (out / "results.csv").write_text("an earlier result\n", encoding="utf-8")
     arguments = ["evaluate", str(volume), "-o", str(out), "--methods", "linear", "--cases", "2:2", "--overwrite"]
     assert main(arguments) == 2
     stderr = capsys.readouterr().err
     assert "holds folders where evaluate writes files (results.md)" in stderr and len(stderr.strip().splitlines()) == 1
-    assert (out / "results.csv").read_text() == "an earlier result\n" and sorted(p.name for p in out.iterdir()) == [
-        "results.csv", "results.md"]
+    assert (out / "results.csv").read_text(encoding="utf-8") == "an earlier result\n"
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.nii.gz"]  # no staging folder left
 
 
@@ -214,10 +214,10 @@ def test_a_volume_scores_the_same_in_any_unit(tmp_path, capsys):
         output = tmp_path / f"out_{scale:g}"
         assert main(["evaluate", str(truth), "-o", str(output), "--range", "truth", "--methods", "linear", "cubic",
                      "--cases", "2:2"]) == 0, capsys.readouterr().err
-        with open(output / "results.csv") as table:
+        with open(output / "results.csv", encoding="utf-8") as table:
             scores[scale] = [[float(row[key]) for key in ("psnr_generated", "ssim_generated", "psnr_all", "ssim_all")]
                              + [float(row[key]) / scale for key in IMAGE_UNIT_KEYS] for row in csv.DictReader(table)]
-        assert "0.000" not in (output / "results.md").read_text()
+        assert "0.000" not in (output / "results.md").read_text(encoding="utf-8")
         capsys.readouterr()
         assert main(["snli", str(truth), "--json"]) == 0
         summary = json.loads(capsys.readouterr().out)
@@ -248,7 +248,7 @@ def test_evaluate_reads_a_folder_s_volumes_and_names_each_once(tmp_path, capsys)
     (truths / ".partial-0123abcd-b.nii.gz").write_bytes(b"\x1f\x8b cut short")
     assert main(["evaluate", str(truths), str(truths / "a.nii.gz"), "-o", str(tmp_path / "out"), "--methods", "linear",
                  "--cases", "2:2"]) == 0, capsys.readouterr().err
-    with open(tmp_path / "out" / "results.csv") as table:
+    with open(tmp_path / "out" / "results.csv", encoding="utf-8") as table:
         assert [row["volume"] for row in csv.DictReader(table)] == ["a-3", "a", "a-2", "mean of 3"]
 
 
@@ -259,7 +259,7 @@ def test_mean_rows_give_slice_counts_as_the_rows_do(tmp_path, capsys):
                           tmp_path / f"v{seed}.nii.gz") for seed, slices in enumerate((11, 11, 13))]
     assert main(["evaluate", *map(str, paths), "-o", str(tmp_path / "out"), "--methods", "linear", "--cases", "2:2"]) == 0, \
         capsys.readouterr().err
-    with open(tmp_path / "out" / "results.csv") as table:
+    with open(tmp_path / "out" / "results.csv", encoding="utf-8") as table:
         rows = list(csv.DictReader(table))
     assert [(row["output_slices"], row["generated_slices"]) for row in rows] == [
         ("11", "5"), ("11", "5"), ("13", "6"), ("11.67", "5.33")]
@@ -272,7 +272,7 @@ def test_a_method_degradation_or_case_given_twice_is_measured_once(tmp_path, cap
     assert main(["evaluate", str(volume), "-o", str(tmp_path / "out"), "--methods", "linear", "linear", "cubic", "linear",
                  "--degradation", "thick", "thick", "--cases", "4:1.3333333333", "2:2", "4:1.33333333333"]) == 0, \
         capsys.readouterr().err
-    with open(tmp_path / "out" / "results.csv") as table:
+    with open(tmp_path / "out" / "results.csv", encoding="utf-8") as table:
         assert [(row["degradation"], row["case"], row["method"]) for row in csv.DictReader(table)] == [
             ("thick", case, method) for case in ("4:1.33333", "2:2") for method in ("linear", "cubic")]
     assert parse_case("4:1.3333333333") == parse_case("4:1.33333333333") == Case(4, 4 / 3)
@@ -281,7 +281,7 @@ def test_a_method_degradation_or_case_given_twice_is_measured_once(tmp_path, cap
 def test_options_for_the_model_without_a_model_method_are_reported_unused(tmp_path, capsys):
     volume = write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
                           tmp_path / "v.nii.gz")
-    (tmp_path / "notes.txt").write_text("not weights")
+    (tmp_path / "notes.txt").write_text("not weights", encoding="utf-8")
     assert main(["evaluate", str(volume), "-o", str(tmp_path / "out"), "--methods", "linear", "--cases", "2:2",
                  "--weights", str(tmp_path / "notes.txt"), "--bf16"]) == 0
     assert capsys.readouterr().err.splitlines() == [
@@ -297,7 +297,7 @@ def test_a_dicom_folder_given_as_dot_is_named_after_the_folder(tmp_path, monkeyp
     monkeypatch.chdir(series)
     assert main(["evaluate", ".", "-o", str(tmp_path / "out"), "--methods", "linear", "--cases", "2:2"]) == 0, \
         capsys.readouterr().err
-    with open(tmp_path / "out" / "results.csv") as table:
+    with open(tmp_path / "out" / "results.csv", encoding="utf-8") as table:
         assert [row["volume"] for row in csv.DictReader(table)] == ["series"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["series_interval_2-2_noise.png",
                                                                        "series_interval_2-2_views.png"]
@@ -370,7 +370,7 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
     assert fractions == sorted(fractions) and events[-1]["event"] == "done" and events[-1]["fraction"] == 1.0
     assert [e for e in events if e["event"] == "warning"] == []  # real CT, clipped to [-1024, 3071]: range ct fits
 
-    with open(output / "results.csv") as handle:
+    with open(output / "results.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["slice_axis"] for r in rows} == {"k"}
     assert [(r["degradation"], r["case"], r["method"]) for r in rows] == [
@@ -380,7 +380,7 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
         assert float(row["snli_truth"]) > 0 and float(row["seconds"]) >= 0
         if row["degradation"] == "interval":
             assert float(row["psnr_generated"]) < float(row["psnr_all"])  # acquired slices are exact
-    table = (output / "results.md").read_text()
+    table = (output / "results.md").read_text(encoding="utf-8")
     assert table.startswith("| volume | degradation | k:r | method |") and "LPIPS" in table
     lines = table.splitlines()
     header = [cell.strip("| ") for cell in lines[0].split(" | ")]

@@ -131,7 +131,7 @@ class _Installs:
         return True
 
     def pip_install(self, arguments):
-        constraints = Path(arguments[arguments.index("--constraint") + 1]).read_text().split()
+        constraints = Path(arguments[arguments.index("--constraint") + 1]).read_text(encoding="utf-8").split()
         self.installed.append((arguments[:arguments.index("--constraint")], constraints))
 
     def pip_ensure(self, requirements, constraints=None, prompt_install=True, requester=None, skip_in_testing=True):
@@ -241,4 +241,4 @@ def test_a_version_pip_cannot_read_is_left_out_of_the_constraints(logic, monkeyp
     versions = {"numpy": "1.26.4", "SimpleITK": "2.4.0-g1a2b3c-dirty"}
     monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
     path = logic._writeBundledConstraints(str(tmp_path / "constraints.txt"))
-    assert Path(path).read_text() == "numpy==1.26.4\n"
+    assert Path(path).read_text(encoding="utf-8") == "numpy==1.26.4\n"

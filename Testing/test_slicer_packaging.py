@@ -18,7 +18,7 @@ SLICER_PYTHON = (3, 9)  # Slicer 5.4, the oldest version the extension supports,
 
 def cmake_list(path: Path, variable: str) -> list:
     """The items of `set(<variable> ...)` in a CMake file, with ${MODULE_NAME} expanded."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
     assert match, f"{path.name} has no set({variable} ...)"
     module_name = re.search(r"set\(\s*MODULE_NAME\s+(\w+)\s*\)", text)
@@ -46,7 +46,7 @@ def test_the_module_lists_every_file_of_its_folder():
     listed = cmake_list(module, "MODULE_PYTHON_SCRIPTS") + cmake_list(module, "MODULE_PYTHON_RESOURCES")
     on_disk = {name.split("/", 1)[1] for name in files_under(REPOSITORY / "CycleINR")} - {"CMakeLists.txt"}
     assert set(listed) == on_disk
-    assert "slicerMacroBuildScriptedModule(" in module.read_text()
+    assert "slicerMacroBuildScriptedModule(" in module.read_text(encoding="utf-8")
 
 
 def test_every_python_file_at_the_top_of_the_module_folder_is_a_module():
@@ -54,13 +54,14 @@ def test_every_python_file_at_the_top_of_the_module_folder_is_a_module():
     has the file's name (helpers go in a package); a helper there would fail to load at every
     start and run its code again over the imported one."""
     for script in sorted((REPOSITORY / "CycleINR").glob("*.py")):
-        classes = {node.name: node for node in ast.parse(script.read_text()).body if isinstance(node, ast.ClassDef)}
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
         assert script.stem in classes, f"{script.name} defines no class {script.stem}: move it into CycleINRSlicerLib/"
         assert [base.id for base in classes[script.stem].bases if isinstance(base, ast.Name)] == ["ScriptedLoadableModule"]
 
 
 def test_the_top_level_cmake_is_a_slicer_extension():
-    text = (REPOSITORY / "CMakeLists.txt").read_text()
+    text = (REPOSITORY / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"^project\(CycleINR\)", text, re.M)
     for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
         assert re.search(rf'set\(EXTENSION_{variable} "[^"]+"\)', text), f"EXTENSION_{variable} is not set"
@@ -74,10 +75,10 @@ def test_the_top_level_cmake_is_a_slicer_extension():
 
 def test_links_into_the_readme_name_one_of_its_headings():
     """The module's help and the extension's homepage point users at README sections."""
-    headings = re.findall(r"^#+ (.+)$", (REPOSITORY / "README.md").read_text(), re.M)
+    headings = re.findall(r"^#+ (.+)$", (REPOSITORY / "README.md").read_text(encoding="utf-8"), re.M)
     anchors = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}  # GitHub's slugs
     links = [anchor for path in ("CMakeLists.txt", "CycleINR/CycleINR.py")
-             for anchor in re.findall(r"github\.com/cycleinr/CycleINR#([\w-]+)", (REPOSITORY / path).read_text())]
+             for anchor in re.findall(r"github\.com/cycleinr/CycleINR#([\w-]+)", (REPOSITORY / path).read_text(encoding="utf-8"))]
     assert links and set(links) <= anchors, set(links) - anchors
 
 
@@ -92,11 +93,11 @@ def test_the_icon_is_a_real_128_pixel_picture(path):
 
 
 def test_the_license_is_apache_2():
-    text = (REPOSITORY / "LICENSE").read_text()
+    text = (REPOSITORY / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
 
 
 @pytest.mark.parametrize("script", sorted((REPOSITORY / "CycleINR").rglob("*.py")), ids=lambda path: path.name)
 def test_module_scripts_use_only_the_grammar_of_the_oldest_supported_slicer_python(script):
-    ast.parse(script.read_text(), filename=str(script), feature_version=SLICER_PYTHON)
+    ast.parse(script.read_text(encoding="utf-8"), filename=str(script), feature_version=SLICER_PYTHON)

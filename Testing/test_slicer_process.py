@@ -145,7 +145,7 @@ def test_a_run_stops_and_writes_nothing_when_slicer_crashes(shared_data, tmp_pat
     of its progress lines must stop it."""
     inputPath = crop(shared_data, tmp_path / "input.nrrd", (140, 160, 16), start=(60, 80, 4))
     slicer = subprocess.run([sys.executable, "-c", SLICER_THAT_CRASHES, str(inputPath), str(tmp_path / "output.nrrd"),
-                             str(REPOSITORY / "CycleINR"), str(REPOSITORY)], capture_output=True, text=True, timeout=300)
+                             str(REPOSITORY / "CycleINR"), str(REPOSITORY)], capture_output=True, timeout=300, encoding="utf-8")
     orphan = int(slicer.stdout)
     deadline = time.monotonic() + 120
     while _exists(orphan) and time.monotonic() < deadline:
@@ -211,7 +211,7 @@ def test_options_need_exactly_one_of_factor_and_spacing():
 def test_the_library_is_found_in_a_checkout_and_next_to_an_installed_module(tmp_path):
     assert findLibraryParent(REPOSITORY / "CycleINR") == REPOSITORY
     (tmp_path / "CycleINRLib").mkdir()
-    (tmp_path / "CycleINRLib" / "__init__.py").write_text("")
+    (tmp_path / "CycleINRLib" / "__init__.py").write_text("", encoding="utf-8")
     assert findLibraryParent(tmp_path) == tmp_path
     elsewhere = tmp_path / "elsewhere" / "CycleINR"
     elsewhere.mkdir(parents=True)
@@ -227,7 +227,7 @@ def test_the_device_check_answers_or_says_why_not(tmp_path):
     assert facts["torch"] == torch.__version__ and facts["cudaBuild"] == torch.version.cuda
     assert (facts["cudaDevice"] is not None) == torch.cuda.is_available()
     withoutTorch = tmp_path / "python-without-torch"
-    withoutTorch.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    withoutTorch.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n", encoding="utf-8")
     withoutTorch.chmod(0o755)
     if os.name == "posix":
         assert probeDevices(withoutTorch) == {"error": "ModuleNotFoundError: No module named 'torch'"}

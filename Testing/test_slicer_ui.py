@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 MODULE = Path(__file__).resolve().parents[1] / "CycleINR"
-SOURCE = (MODULE / "CycleINR.py").read_text()
+SOURCE = (MODULE / "CycleINR.py").read_text(encoding="utf-8")
 UI = ElementTree.parse(MODULE / "Resources" / "UI" / "CycleINR.ui").getroot()
 
 # The widget classes that Slicer's parameter node GUI connectors accept for each annotation

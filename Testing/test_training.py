@@ -289,10 +289,10 @@ def test_resume_with_other_settings_is_refused_in_one_line(crops, tmp_path):
     start.unlink()  # unused on resume: its absence does not stop one
     checkpoints = {path.name: path.read_bytes() for path in run.glob("step-*")}
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(small_config(crops, run).to_dict()))
+    config_file.write_text(yaml.safe_dump(small_config(crops, run).to_dict()), encoding="utf-8")
     refused = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file),
-                              "optim.accumulate=2", "optim.lr=0.002"], capture_output=True, text=True, cwd=tmp_path,
-                             timeout=300)
+                              "optim.accumulate=2", "optim.lr=0.002"], capture_output=True, cwd=tmp_path,
+                             timeout=300, encoding="utf-8")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [
         f"train.py: error: {run} holds a run that these settings would not continue (optim.accumulate: 1 -> 2; "
@@ -331,7 +331,7 @@ def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp
     run = tmp_path / "run"
     config = small_config(crops, run)  # checkpoints at steps 3 and 6
     _, history = train(config)
-    intact = json.loads((run / "step-0000006.json").read_text())
+    intact = json.loads((run / "step-0000006.json").read_text(encoding="utf-8"))
     groups = intact["optimizer"]["param_groups"]
     hand_edits = [("not a readable checkpoint", '{"step": 6, "config": {'),  # not JSON any more
                   ("does not restore", json.dumps({**intact, "optimizer": {"param_groups": []}})),  # JSON, wrong state
@@ -342,7 +342,7 @@ def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp
                   (r"does not restore \(optimizer.param_groups\[0\].lr is not a number\)",
                    json.dumps({**intact, "optimizer": {**intact["optimizer"], "param_groups": [{**groups[0], "lr": "abc"}]}}))]
     for message, text in hand_edits:
-        (run / "step-0000006.json").write_text(text)
+        (run / "step-0000006.json").write_text(text, encoding="utf-8")
         with pytest.warns(checkpointing.CheckpointWarning, match=rf"step-0000006\.json: {message}"):
             _, redone = train(config)
         assert [record["loss"] for record in redone] == [record["loss"] for record in history[3:]]
@@ -351,9 +351,9 @@ def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp
         weights.write_bytes(b"not a safetensors file")
     damaged = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     refused = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file),
-                              "optim.steps=9"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                              "optim.steps=9"], capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     *warned, error = refused.stderr.strip().splitlines()
     assert error == (f"train.py: error: {run}: none of its 2 checkpoints reads (see the warnings above); "
@@ -403,11 +403,11 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
     checkpoint = tmp_path / "run" / "step-0000003.json"
     logged = checkpointing.read_checkpoint(checkpoint)[0]["metrics"]["val"]
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     exported = export(checkpoint, tmp_path / "exported.safetensors")
     script = [sys.executable, str(REPOSITORY / "Training" / "score_weights.py")]
     result = subprocess.run(script + [str(checkpoint), str(exported), "--config", str(config_file)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, timeout=300, encoding="utf-8")
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()[2:]]
     assert [row[0].strip() for row in rows] == [str(checkpoint), str(exported)]
@@ -415,24 +415,25 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
         assert [float(cell) for cell in row[1:3]] == pytest.approx(
             [logged[f"{case}/gain_over_linear_db"] for case in ("2:2", "5:2.5")], abs=1e-4)
         assert float(row[-1]) == pytest.approx(logged["mean_psnr"], abs=1e-4)
-    (tmp_path / "step-0000009.json").write_text("{}")  # its tensors never written
+    (tmp_path / "step-0000009.json").write_text("{}", encoding="utf-8")  # its tensors never written
     for bad in (tmp_path / "absent.safetensors", tmp_path / "step-0000009.json", tmp_path / "run"):
-        refused = subprocess.run(script + [str(bad), "--config", str(config_file)], capture_output=True, text=True, timeout=300)
+        refused = subprocess.run(script + [str(bad), "--config", str(config_file)], capture_output=True, timeout=300,
+                                 encoding="utf-8")
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert str(bad) in refused.stderr
     assert "is a folder; give its step-NNNNNNN.json or .safetensors files" in refused.stderr
 
     # export_weights.py: the checkpoint's weights half instead of its description; a description
     # whose metrics lost what the provenance records (resuming does not need them)
-    description = json.loads(checkpoint.read_text())
+    description = json.loads(checkpoint.read_text(encoding="utf-8"))
     del description["metrics"]["machine"]
-    (tmp_path / "step-0000010.json").write_text(json.dumps(description))
+    (tmp_path / "step-0000010.json").write_text(json.dumps(description), encoding="utf-8")
     (tmp_path / "step-0000010.safetensors").write_bytes(checkpoint.with_suffix(".safetensors").read_bytes())
     exporter = [sys.executable, str(REPOSITORY / "Training" / "export_weights.py")]
     for bad, message in ((checkpoint.with_suffix(".safetensors"), "give the checkpoint's .json file"),
                          (tmp_path / "step-0000010.json", "its metrics lack 'machine'")):
         refused = subprocess.run(exporter + [str(bad), "--output", str(tmp_path / "x.safetensors")],
-                                 capture_output=True, text=True, timeout=300)
+                                 capture_output=True, timeout=300, encoding="utf-8")
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert message in refused.stderr and not (tmp_path / "x.safetensors").exists()
 
@@ -440,18 +441,19 @@ def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
     written = exported.read_bytes()
     for output, message in ((exported, "output exists; pass --overwrite to replace it"),
                             (tmp_path / "x.pt", "output must end in .safetensors")):
-        refused = subprocess.run(exporter + [str(checkpoint), "--output", str(output)], capture_output=True, text=True, timeout=300)
+        refused = subprocess.run(exporter + [str(checkpoint), "--output", str(output)], capture_output=True, timeout=300,
+                                 encoding="utf-8")
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert message in refused.stderr
     assert exported.read_bytes() == written and not (tmp_path / "x.pt").exists()
     tensors = checkpoint.with_suffix(".safetensors")
     for overwrite in ([], ["--overwrite"]):  # not "pass --overwrite", which would be refused all the same
         refused = subprocess.run(exporter + [str(checkpoint), "--output", str(tensors), *overwrite], capture_output=True,
-                                 text=True, timeout=300)
+                                 timeout=300, encoding="utf-8")
         assert refused.returncode == 2 and "holds the checkpoint's own tensors" in refused.stderr
     assert checkpointing.read_checkpoint(checkpoint)  # still a checkpoint
     replaced = subprocess.run(exporter + [str(checkpoint), "--output", str(exported), "--overwrite", "--data-note", "again"],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, timeout=300, encoding="utf-8")
     assert replaced.returncode == 0, replaced.stderr
     assert load_model(exported)[1].provenance["data_note"] == "again"
 
@@ -463,9 +465,9 @@ def test_a_run_that_diverges_stops_in_one_line_and_keeps_its_finite_checkpoints(
     config = small_config(crops, run, lr=1e30)
     config.run.checkpoint_every = 1
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                            capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     stopped = re.search(r"^train\.py: error: the gradient norm became (nan|inf) at step (\d+) \(optim\.lr 1e\+30\); "
                         r"(.+) holds the last saved weights: train again with a lower optim\.lr in a new run\.out_dir$",
@@ -481,7 +483,7 @@ def test_a_run_that_diverges_stops_in_one_line_and_keeps_its_finite_checkpoints(
     damaged = run / "step-0000099.json"
     save_file({**tensors, "model.decoder.output.bias": torch.full_like(tensors["model.decoder.output.bias"], float("nan"))},
               str(damaged.with_suffix(".safetensors")))
-    damaged.write_text(json.dumps({**description, "step": 99}))
+    damaged.write_text(json.dumps({**description, "step": 99}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"step-0000099\.json: its weights hold NaN or infinite values \(1 tensors"):
         export(damaged, tmp_path / "nan.safetensors")
     with pytest.raises(checkpointing.CheckpointError, match="does not restore \\(its weights hold NaN"):
@@ -521,7 +523,7 @@ def test_train_script_rejects_a_bad_config_in_one_line(tmp_path, override, messa
     missing = tmp_path / "missing.safetensors"
     config, override = REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", override.format(missing=missing)
     result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config), override],
-                            capture_output=True, text=True, cwd=tmp_path)
+                            capture_output=True, cwd=tmp_path, encoding="utf-8")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"train.py: error: {config} with {override}: {message.format(missing=missing)}"]
     assert not list(tmp_path.iterdir())
@@ -537,19 +539,19 @@ def test_train_script_reports_unreadable_data_in_one_line(tmp_path, source, mess
     (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config",
                              str(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml"), f"data.train={tmp_path / source}",
-                             f"run.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
+                             f"run.out_dir={tmp_path / 'run'}"], capture_output=True, cwd=tmp_path, encoding="utf-8")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"train.py: error: data.train: {tmp_path / source}: {message}"]
     assert not (tmp_path / "run").exists()
 
 
 def test_train_script_reports_an_out_dir_it_cannot_write_in_one_line(crops, tmp_path):
-    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_file").write_text("not a folder", encoding="utf-8")
     out_dir = tmp_path / "a_file" / "run"
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(small_config(crops, out_dir).to_dict()))
+    config_file.write_text(yaml.safe_dump(small_config(crops, out_dir).to_dict()), encoding="utf-8")
     result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                            capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"train.py: error: {out_dir}: Not a directory"
 
@@ -563,7 +565,7 @@ def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path, rank1_data
     start_group = torch.distributed.init_process_group
 
     def recording_timeout(*args, **kwargs):  # how long the other ranks may wait for rank 0's validation
-        (out / f"rank{rank}_timeout.txt").write_text(str(kwargs.get("timeout")))
+        (out / f"rank{rank}_timeout.txt").write_text(str(kwargs.get("timeout")), encoding="utf-8")
         return start_group(*args, **kwargs)
 
     torch.distributed.init_process_group = recording_timeout
@@ -584,7 +586,8 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path, accumulat
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert not torch.equal(rank0["decoder.output.weight"], initial["decoder.output.weight"])  # it did train
     assert checkpointing.list_checkpoints(tmp_path / "ddp")[-1].name == "step-0000004.json"
-    assert [(tmp_path / f"rank{r}_timeout.txt").read_text() for r in (0, 1)] == ["2:00:00"] * 2  # NCCL's default: 10 min
+    timeouts = [(tmp_path / f"rank{r}_timeout.txt").read_text(encoding="utf-8") for r in (0, 1)]
+    assert timeouts == ["2:00:00"] * 2  # NCCL's default: 10 min
 
 
 def test_ddp_processes_that_read_other_volumes_are_stopped(crops, tmp_path):
@@ -610,7 +613,7 @@ def test_torchrun_launches_the_training_script(crops, tmp_path, device, processe
     config = _validating(small_config(folder, tmp_path / "run", steps=4), crops)  # rank 0 validates at steps 2 and 4
     config.run.device = device
     config_file = tmp_path / "processes.yaml"
-    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    config_file.write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)]
     # tqdm draws its bar in Unicode, whatever the locale: decode it as such.
@@ -731,7 +734,7 @@ def test_a_list_file_can_name_a_dicom_series_folder(crops, tmp_path):
     crop = sitk.ReadImage(str(crops / "b.nii.gz"))
     write_dicom_series(crop, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.9.1", "HEAD 1.5mm")
     listing = tmp_path / "listing.txt"
-    listing.write_text("series\n")
+    listing.write_text("series\n", encoding="utf-8")
     [volume] = data.load_volumes(listing, small_config(crops, tmp_path).data, NAMED_CONFIGS["light"].normalization)
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(crop))
 
@@ -739,7 +742,7 @@ def test_a_list_file_can_name_a_dicom_series_folder(crops, tmp_path):
 def test_one_volume_file_is_a_training_set(crops):
     assert data.volume_paths(crops / "a.nii.gz") == [crops / "a.nii.gz"]
     listing = crops.parent / "listing.txt"
-    listing.write_text(f"{crops.name}/a.nii.gz\n# a comment\n")
+    listing.write_text(f"{crops.name}/a.nii.gz\n# a comment\n", encoding="utf-8")
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
     listing.write_text(f"{crops.name}/a.nii.gz\r\n", encoding="utf-8-sig")  # Notepad's BOM and line ends
     assert data.volume_paths(listing) == [crops / "a.nii.gz"]
@@ -764,24 +767,24 @@ def test_a_broken_link_or_a_volume_listed_twice_is_said(crops, tmp_path):
     with pytest.warns(data.TrainingDataWarning, match=r"moved\.nii\.gz: a link to .*elsewhere\.nii\.gz, which is not there"):
         assert data.volume_paths(folder) == [folder / "a.nii.gz"]
     listing = crops.parent / "twice.txt"
-    listing.write_text(f"{crops.name}/a.nii.gz\n{crops.name}/b.nii.gz\n./{crops.name}/a.nii.gz\n")
+    listing.write_text(f"{crops.name}/a.nii.gz\n{crops.name}/b.nii.gz\n./{crops.name}/a.nii.gz\n", encoding="utf-8")
     with pytest.warns(data.TrainingDataWarning, match=rf"\./{crops.name}/a\.nii\.gz is listed twice; reading it once"):
         assert data.volume_paths(listing) == [crops / "a.nii.gz", crops / "b.nii.gz"]
     loop = tmp_path / "loop.nii.gz"
     loop.symlink_to(loop)
-    listing.write_text(f"{loop}\n{crops.name}/a.nii.gz\n")  # the loop is skipped when read, like a missing file
+    listing.write_text(f"{loop}\n{crops.name}/a.nii.gz\n", encoding="utf-8")  # the loop is skipped when read, like a missing file
     assert data.volume_paths(listing) == [loop, crops / "a.nii.gz"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is there")
 def test_a_device_that_is_not_there_is_one_line(crops, tmp_path):
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(small_config(crops, tmp_path / "run").to_dict()))
+    config_file.write_text(yaml.safe_dump(small_config(crops, tmp_path / "run").to_dict()), encoding="utf-8")
     message = "device gpu requested but torch finds no CUDA or Apple MPS GPU; use cpu or auto"
     for script, items in (("train.py", []), ("score_weights.py", [str(REPOSITORY / "CycleINRLib" / "weights" / "cycleinr_ct.safetensors"),
                                                                   "data.val=unused"])):
         result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / script), "--config", str(config_file),
-                                 *items, "run.device=gpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                                 *items, "run.device=gpu"], capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8")
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"{script}: error: {message}"], result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -814,7 +817,7 @@ def test_pruning_keeps_the_checkpoint_just_written_beside_a_newer_leftover(tmp_p
     model = CycleINR(NAMED_CONFIGS["light"])
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10, 0.5)
-    (tmp_path / "step-0000030.json").write_text("{")  # damaged, from before the resume
+    (tmp_path / "step-0000030.json").write_text("{", encoding="utf-8")  # damaged, from before the resume
     for step in (10, 20):
         checkpointing.save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, {}, keep=1)
     assert [path.name for path in checkpointing.list_checkpoints(tmp_path)] == ["step-0000020.json", "step-0000030.json"]

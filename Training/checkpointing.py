@@ -56,7 +56,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, con
         "scheduler": scheduler.state_dict(),
     }
     with atomic_output(stem.with_suffix(".json")) as temporary:
-        temporary.write_text(json.dumps(description, indent=1))
+        temporary.write_text(json.dumps(description, indent=1), encoding="utf-8")
     # Only those this run has passed: a newer one is left from an attempt whose resume skipped it
     # as unreadable, and counting it could prune the checkpoint just written.
     passed = [old for old in list_checkpoints(directory) if checkpoint_step(old) <= step]
@@ -80,7 +80,7 @@ def checkpoint_step(json_path: Path) -> int:
 
 def read_description(json_path: Path) -> dict:
     """A checkpoint's JSON part: config, step, metrics, optimizer and scheduler state."""
-    return json.loads(Path(json_path).read_text())
+    return json.loads(Path(json_path).read_text(encoding="utf-8"))
 
 
 def read_checkpoint(json_path: Path) -> tuple[dict, dict]:

@@ -219,7 +219,7 @@ class TrainConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """YAML file plus `section.key=value` overrides (values parsed as YAML)."""
-    values = _yaml(Path(path).read_text()) or {}
+    values = _yaml(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError("a config is a mapping of sections (model, model_overrides, data, optim, run), "
                          f"not {type(values).__name__}")

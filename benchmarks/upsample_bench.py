@@ -77,7 +77,7 @@ def main() -> int:
             for method, device, command in runs:
                 # A fresh interpreter per measurement, so each peak is that run's alone.
                 probe = [sys.executable, "-c", _PROBE, json.dumps(command)]
-                result = json.loads(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
+                result = json.loads(subprocess.run(probe, capture_output=True, encoding="utf-8", check=True).stdout)
                 voxels = sitk.ReadImage(str(output)).GetNumberOfPixels()
                 rows.append((method, device, factor, voxels, result["seconds"], result["peak_gb"]))
                 print(f"{method} {device} r={factor:g}: {voxels / result['seconds'] / 1e6:.3f} Mvoxel/s, "
@@ -98,7 +98,7 @@ _PROBE = """
 import json, resource, subprocess, sys, time
 command = json.loads(sys.argv[1])
 started = time.perf_counter()
-completed = subprocess.run(command, capture_output=True, text=True)
+completed = subprocess.run(command, capture_output=True, text=True, encoding="utf-8")
 seconds = time.perf_counter() - started
 if completed.returncode != 0:
     sys.exit(completed.stderr)
