@@ -10,14 +10,17 @@ DEMO_DIR ?= demo_output
 
 .PHONY: demo test install benchmark clean
 
+# A venv whose interpreter no longer runs (its Python upgraded or removed) is made again.
 $(BIN)/cycleinr: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "" 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[train,test]"
 	touch $@
 
-install: $(BIN)/cycleinr
+install:
+	@$(BIN)/python -c "" 2>/dev/null || rm -f $(BIN)/cycleinr
+	@$(MAKE) --no-print-directory $(BIN)/cycleinr
 
 demo: install
 	$(BIN)/python -m CycleINRLib.demo --output-dir $(DEMO_DIR)

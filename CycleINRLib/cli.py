@@ -51,7 +51,7 @@ def _json_requested(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     from . import command_evaluate, command_snli, command_upsample
 
-    parser = _ArgumentParser(prog="cycleinr", description=__doc__.splitlines()[0])
+    parser = _ArgumentParser(prog="cycleinr", description=__doc__ and __doc__.splitlines()[0])  # None under -OO
     parser.add_argument("--version", action="version", version=f"cycleinr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     for module in (command_upsample, command_snli, command_evaluate):
@@ -74,16 +74,21 @@ def _cancel_signals() -> list:
             if signal.getsignal(number) is not signal.SIG_IGN]
 
 
-def _null_for_closed_streams() -> None:
+def _streams_that_cannot_fail() -> None:
     """Python leaves sys.stdout or sys.stderr None when it starts with that file closed
-    (`2>&-`); the messages then go nowhere instead of failing the run."""
+    (`2>&-`); the messages then go nowhere instead of failing the run. A stream whose encoding
+    lacks a character of a file name (`PYTHONIOENCODING=ascii`) writes it escaped rather than
+    fail after the output was written."""
     for name in ("stdout", "stderr"):
-        if getattr(sys, name) is None:
+        stream = getattr(sys, name)
+        if stream is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        elif stream.errors == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _null_for_closed_streams()
+    _streams_that_cannot_fail()
     for cancel in _cancel_signals():
         signal.signal(cancel, _terminate_as_interrupt)
     try:

@@ -22,7 +22,7 @@ from .errors import InputError
 from .evaluate import DEFAULT_CASES, METHODS, evaluate_volume, make_methods, markdown_table, mean_rows, parse_case, write_csv
 from .geometry import slice_axis
 from .io import (FLOAT32_MAX, VOLUME_SUFFIXES, check_name_encoding, check_parent_folder, partial_name, read_volume, resolved_folder,
-                 volume_files)
+                 readable, volume_files)
 from .metrics import CT_RANGE, lpips_availability
 from .progress import Reporter
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
         write_csv(rows, staging / "results.csv")
         notes = _notes(degradations, methods, truths, ranges, lpips, lpips_reason)
         table = markdown_table(rows, notes)
-        (staging / "results.md").write_text(table, encoding="utf-8")
+        (staging / "results.md").write_text(table, encoding="utf-8", errors="surrogateescape")  # a name's own bytes
         written = sorted(p.name for p in staging.iterdir())
         _publish(staging, output_dir)
     except OSError as error:  # a full disk: the staging folder goes, and nothing was published
@@ -188,7 +188,7 @@ def _draw(result, name: str, folder: Path) -> None:
     from .figures import profile_figure, save_figure, views_figure  # matplotlib: not at every command's start
 
     stem = f"{name}_{result.degradation}_{result.case.label.replace(':', '-')}"
-    title = f"{name}, {result.degradation} {result.case.label}"
+    title = f"{readable(name)}, {result.degradation} {result.case.label}"
     save_figure(views_figure(result, title), folder / f"{stem}_views.png")
     methods = {row["method"]: result.profiles[row["method"]] for row in result.rows}
     slice_spacing = next(iter(result.view_spacing.values()))[0]

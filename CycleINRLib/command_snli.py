@@ -6,7 +6,7 @@ import argparse
 
 from .errors import InputError
 from .geometry import slice_axis
-from .io import INPUT_HELP, check_output_path, read_volume
+from .io import INPUT_HELP, check_output_path, read_volume, readable
 from .metrics import check_noise_slices, noise_profile, significant
 from .progress import Reporter
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> int:
     if plot:
         from .figures import profile_figure, save_figure  # matplotlib only when drawing
 
-        title = f"{args.volume}: per-slice noise level along axis {axis}, SNLI {profile.snli:.3g}"
+        title = f"{readable(args.volume)}: per-slice noise level along axis {axis}, SNLI {profile.snli:.3g}"
         try:
             save_figure(profile_figure({"noise level": profile.levels}, volume.spacing[axis], title), plot)
         except OSError as error:  # a full disk

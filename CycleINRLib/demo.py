@@ -15,6 +15,7 @@ from pathlib import Path
 from . import evaluate, figures
 from .checkpoint import load_model
 from .degrade import degrade
+from .errors import InputError
 from .evaluate import Case, Method
 from .io import Volume, write_volume
 from .phantom import chest_phantom
@@ -23,13 +24,22 @@ KEEP_EVERY = 5  # 1 mm phantom -> 5 mm thick slices, upsampled back by 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m CycleINRLib.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m CycleINRLib.demo", description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="demo_output", type=Path)
     parser.add_argument("--weights", help="weights file (default: the bundled CT weights)")
     args = parser.parse_args(argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args.output_dir, args.weights)
+    except InputError as error:  # a weights file that does not load, an output that cannot be written
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except OSError as error:  # a read-only checkout, a full disk
+        parser.exit(2, f"{parser.prog}: error: {error.filename or args.output_dir}: {error.strerror or error}\n")
 
-    _, weights = load_model(args.weights)
+
+def run(folder: Path, weights_path: str | None) -> int:
+    """The demo into `folder` (made if missing) with the weights at `weights_path` (None: the bundled ones)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _, weights = load_model(weights_path)
     print(f"weights: {weights.label}")
     if not weights.trained:
         print("warning: untrained weights reproduce linear interpolation; train them (README, Training)")
@@ -40,14 +50,13 @@ def main(argv: list[str] | None = None) -> int:
           f"thick-slice input: {thick.shape[0]} slices of {thick_spacing[2]:g} mm")
 
     outputs = {}
-    methods = evaluate.make_methods(["linear", "cubic", "cycleinr", "cycleinr-noise"], weights=args.weights)
+    methods = evaluate.make_methods(["linear", "cubic", "cycleinr", "cycleinr-noise"], weights=weights_path)
     methods = [_recording(method, outputs) for method in methods]
     (result,) = evaluate.evaluate_volume(
         truth.array, axis=0, spacing=truth.spacing[::-1], cases=[Case(KEEP_EVERY, KEEP_EVERY)],
         methods=methods, degradation="thick", name="phantom", on_step=lambda label: print(f"  done: {label}"),
     )
 
-    folder = args.output_dir
     write_volume(truth, folder / "phantom_truth_1mm.nii.gz", overwrite=True)
     write_volume(Volume(thick, thick_spacing, truth.origin, truth.direction), folder / "phantom_thick_5mm.nii.gz",
                  overwrite=True)

@@ -280,7 +280,7 @@ def mean_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:  # a name's own bytes
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:

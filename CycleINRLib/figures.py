@@ -6,17 +6,29 @@ an interrupted run leaves no half-written PNG.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from .evaluate import CaseResult
 from .io import atomic_output
 from .metrics import snli
+
+
+def _drop_unimportable_backend() -> None:
+    """A notebook's inline backend (MPLBACKEND=module://...), inherited by `!cycleinr` run with
+    another Python, fails matplotlib's import; these figures are drawn with Agg and need none."""
+    backend = os.environ.get("MPLBACKEND", "")
+    if backend.startswith("module://") and importlib.util.find_spec(backend[len("module://"):].split(".")[0]) is None:
+        del os.environ["MPLBACKEND"]
+
+
+_drop_unimportable_backend()
+from matplotlib.figure import Figure  # noqa: E402
 
 PANEL_INCHES = 2.4
 
@@ -27,6 +39,7 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     with atomic_output(path) as temporary, warnings.catch_warnings():
         # a volume of a few slices gives panels too small to lay out; the picture is still written
         warnings.filterwarnings("ignore", message="constrained_layout not applied")
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # a name in CJK: boxes, not a warning
         figure.savefig(temporary, dpi=110, format="png")
     return path
 

@@ -97,7 +97,7 @@ def volume_files(folder: Path) -> list[Path]:
 def _read_file(path: Path) -> sitk.Image:
     with _native_stderr_captured() as native_messages:
         try:
-            image = sitk.ReadImage(str(path))
+            image = sitk.ReadImage(itk_name(path))
         except RuntimeError as error:
             image, reason = None, str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
     if image is None:
@@ -188,10 +188,10 @@ def _series_of_dicom_slice(path: Path) -> str | None:
     """The Series Instance UID of a DICOM file holding one slice, None for any other file
     (a multi-frame DICOM file is a volume by itself)."""
     with _native_stderr_captured():
-        if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) != "GDCMImageIO":
+        if sitk.ImageFileReader.GetImageIOFromFileName(itk_name(path)) != "GDCMImageIO":
             return None
         header = sitk.ImageFileReader()
-        header.SetFileName(str(path))
+        header.SetFileName(itk_name(path))
         try:
             header.ReadImageInformation()
         except RuntimeError:
@@ -204,13 +204,13 @@ def _series_of_dicom_slice(path: Path) -> str | None:
 def _read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image:
     """The folder's only DICOM series, or the one with `series_uid`."""
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    series = reader.GetGDCMSeriesIDs(itk_name(folder))
     if not series:
         raise InputError(f"{folder}: folder holds no DICOM series")
     if series_uid is None and len(series) > 1:
         raise InputError(f"{folder}: folder holds {len(series)} DICOM series: {_series_listing(reader, folder, series)}; "
                          f"give one file of the series to read as the input")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0])
+    files = reader.GetGDCMSeriesFileNames(itk_name(folder), series_uid or series[0])
     _check_dicom_slice_positions(folder, files)
     reader.SetFileNames(files)
     try:
@@ -223,7 +223,7 @@ def _series_listing(reader: sitk.ImageSeriesReader, folder: Path, series: tuple[
     """'"AXIAL 5mm" (120 files, e.g. IM0001), ...': what tells a user's series apart."""
     entries = []
     for uid in series[:shown]:
-        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        files = reader.GetGDCMSeriesFileNames(itk_name(folder), uid)
         header = sitk.ImageFileReader()
         header.SetFileName(files[0])
         header.ReadImageInformation()
@@ -291,12 +291,23 @@ def validate_volume(volume: Volume, name: str) -> Volume:
 def check_name_encoding(path: str | os.PathLike) -> Path:
     """`path`, refused if it is not valid UTF-8 (a Latin-1 name on Linux): SimpleITK hands names
     to C++ as UTF-8, and such a name aborts the process there, without a word."""
-    path = Path(path)
+    itk_name(path)
+    return Path(path)
+
+
+def readable(text: str) -> str:
+    """`text` with the bytes of a name that Python holds escaped (an ASCII locale) written as
+    the UTF-8 characters they are: for figures, which cannot draw the escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def itk_name(path: str | os.PathLike) -> str:
+    """The name to give SimpleITK: the text the name's bytes hold as UTF-8. Under an ASCII
+    locale (`LC_ALL=C`) Python holds "é" as two escaped bytes, which SimpleITK cannot encode."""
     try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
         raise InputError(f"{path}: the name is not valid UTF-8, which ITK cannot open; rename it") from None
-    return path
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[str, ...] = WRITABLE_SUFFIXES) -> Path:
@@ -332,7 +343,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
     with atomic_output(path) as temporary:
         with _native_stderr_captured() as native_messages:
             try:
-                sitk.WriteImage(volume.to_sitk(), str(temporary), useCompression=True)
+                sitk.WriteImage(volume.to_sitk(), itk_name(temporary), useCompression=True)
                 failed = None
             except RuntimeError as error:
                 failed = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
@@ -397,7 +408,7 @@ def partial_name(name: str) -> str:
     """A hidden, unique name for `name` while it is being written (same suffix), within the
     255 bytes a file name may have: the start of a long name gives way, not its suffix."""
     prefix = f".partial-{uuid.uuid4().hex[:8]}-"
-    while len((prefix + name).encode()) > 255:
+    while len(os.fsencode(prefix + name)) > 255:  # the bytes on disk, whatever the locale
         name = name[1:]
     return prefix + name
 

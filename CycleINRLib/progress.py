@@ -50,7 +50,10 @@ class Reporter:
     def error(self, message: str) -> None:
         self.close()
         if self.json_lines:
-            self._emit(event="error", message=message)
+            try:
+                self._emit(event="error", message=message)
+            except (ProgressReaderGone, OSError):  # stdout is what failed: stderr still tells
+                pass
         self._print(f"cycleinr: error: {message}")
 
     def done(self, summary: dict[str, Any], text: str) -> None:
@@ -88,6 +91,9 @@ class Reporter:
         except BrokenPipeError:
             _discard_further_output(sys.stdout)
             raise ProgressReaderGone("the program reading the progress lines has gone") from None
+        except OSError as error:  # a full disk under `> file`: reported once, and the flush at exit must not raise again
+            _discard_further_output(sys.stdout)
+            raise OSError(error.errno, error.strerror, "standard output") from None
 
 
 def _discard_further_output(stream) -> None:

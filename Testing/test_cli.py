@@ -449,12 +449,19 @@ def test_upsample_leaves_plotting_and_statistics_unloaded(tmp_path):
     assert json.loads(result.stdout.splitlines()[-1]) == [0, []], result.stderr
 
 
+def _signals_as_from_a_terminal() -> None:
+    """What a GUI or a terminal starts the command with, whatever this suite inherited
+    (`nohup make test` ignores SIGHUP, a CI runner may ignore SIGINT)."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 def _upsampling_process(ct_crop, output: Path) -> subprocess.Popen:
     """A GUI-style run of several tiles, returned once it reports its first upsampling step."""
     process = subprocess.Popen(
         [sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output), "--factor", "6",
          "--json-progress", "--max-memory", "0.65"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO, preexec_fn=_signals_as_from_a_terminal)
     for line in process.stdout:
         if json.loads(line).get("stage") == "upsample":
             break
@@ -527,6 +534,67 @@ def test_closed_or_full_standard_streams_do_not_fail_a_finished_run(ct_crop, tmp
                               timeout=300).returncode == 0
     assert sorted(path.name for path in tmp_path.glob("*.nii.gz")) == [
         "closed.nii.gz", "full.nii.gz", "piped.nii.gz", "warned.nii.gz"]
+
+
+def test_json_lines_to_a_full_disk_are_one_line_on_stderr(ct_crop, tmp_path):
+    """`--json > file` on a full disk: stdout failed, so stderr says so, once."""
+    for command in (["snli", str(ct_crop), "--json"],
+                    ["upsample", str(ct_crop), str(tmp_path / "up.nii.gz"), "--factor", "2", "--json-progress"]):
+        with open("/dev/full", "w", encoding="utf-8") as full:
+            result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", *command], cwd=REPO, stdout=full,
+                                    stderr=subprocess.PIPE, timeout=300, encoding="utf-8")
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == ["cycleinr: error: standard output: No space left on device"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _without_locale(**variables) -> dict:
+    """This environment less what sets Python's text encoding, plus `variables`."""
+    unset = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "PYTHONUTF8", "PYTHONIOENCODING")
+    return dict({name: value for name, value in os.environ.items() if name not in unset}, **variables)
+
+
+def test_utf8_names_work_under_an_ascii_locale(ct_crop, tmp_path):
+    """Under `LC_ALL=C` without UTF-8 mode (CI runners, cron) Python holds "é" as escaped bytes,
+    which SimpleITK, matplotlib and the CSV writer cannot take as they are."""
+    folder = os.fsencode(tmp_path) + "cas é 名".encode()  # bytes: this suite may itself run under such a locale
+    os.mkdir(folder)
+    source, output, plot, results = (folder + name.encode() for name in ("/in é.nrrd", "/out é.nii.gz", "/p é.png", "/ev é"))
+    with open(ct_crop, "rb") as original, open(source, "wb") as copy:
+        copy.write(original.read())
+    ascii_locale = _without_locale(LC_ALL="C", PYTHONUTF8="0")
+    commands = ([b"upsample", source, output, b"--factor", b"2"], [b"snli", output, b"--plot", plot],
+                [b"evaluate", source, b"-o", results, b"--methods", b"linear", b"--cases", b"2:2"])
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", *command], capture_output=True, cwd=REPO,
+                                timeout=300, env=ascii_locale)
+        assert result.returncode == 0 and b"Traceback" not in result.stderr and not result.stderr.strip(), result.stderr
+    assert os.path.isfile(output) and os.path.isfile(plot)
+    assert sorted(os.listdir(results)) == [name.encode() for name in (
+        "in é_interval_2-2_noise.png", "in é_interval_2-2_views.png", "results.csv", "results.md")]
+    with open(results + b"/results.csv", encoding="utf-8") as table:
+        assert table.read().splitlines()[1].startswith("in é,interval,2:2,linear,")
+    escaped = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "snli", output], capture_output=True, cwd=REPO,
+                             timeout=300, env=_without_locale(PYTHONIOENCODING="ascii"))
+    assert escaped.returncode == 0 and escaped.stderr == b"", escaped.stderr  # printed with the name escaped
+
+
+def test_no_docstrings_and_an_unusable_plot_backend_change_nothing(ct_crop, tmp_path):
+    """`python -OO` drops docstrings; a notebook's MPLBACKEND names a backend another Python lacks."""
+    result = subprocess.run([sys.executable, "-OO", "-m", "CycleINRLib.cli", "snli", str(ct_crop), "--plot",
+                             str(tmp_path / "p.png")], capture_output=True, cwd=REPO, timeout=300, encoding="utf-8",
+                            env=dict(os.environ, MPLBACKEND="module://a_backend_not_installed.inline"))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert (tmp_path / "p.png").is_file()
+
+
+def test_the_demo_says_in_one_line_where_it_cannot_write(tmp_path):
+    (tmp_path / "a file").write_text("", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "CycleINRLib.demo", "--output-dir", str(tmp_path / "a file" / "demo")],
+                            capture_output=True, cwd=REPO, timeout=300, encoding="utf-8")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"python -m CycleINRLib.demo: error: {tmp_path / 'a file' / 'demo'}: Not a directory"]
 
 
 def test_a_run_under_nohup_outlives_its_terminal(ct_crop, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import socket
@@ -34,7 +35,7 @@ from Training.config import TrainConfig, load_config  # noqa: E402
 from Training.export_weights import export  # noqa: E402
 from Training.error_by_band import band_errors, markdown, windowed_method  # noqa: E402
 from Training.fit_one_batch import fit_one_batch  # noqa: E402
-from Training.train import ResumeError, check_restorable, check_resumable, train, train_step  # noqa: E402
+from Training.train import TORCHRUN_VARIABLES, ResumeError, check_restorable, check_resumable, train, train_step  # noqa: E402
 from conftest import DEVICES, NEEDS_CUDA, write_dicom_series  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -557,8 +558,6 @@ def test_train_script_reports_an_out_dir_it_cannot_write_in_one_line(crops, tmp_
 
 
 def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path, rank1_data: str | None = None) -> None:
-    import os
-
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if rank == 1 and rank1_data:  # node-local data that differs from rank 0's
         config.data.train = rank1_data
@@ -786,6 +785,18 @@ def test_a_device_that_is_not_there_is_one_line(crops, tmp_path):
         result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / script), "--config", str(config_file),
                                  *items, "run.device=gpu"], capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8")
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"{script}: error: {message}"], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_left_in_the_shell_is_one_line_not_a_distributed_run(crops, tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(small_config(crops, tmp_path / "run").to_dict()), encoding="utf-8")
+    environment = {name: value for name, value in os.environ.items() if name not in TORCHRUN_VARIABLES}
+    result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config_file)],
+                            capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8", env=dict(environment, RANK="0"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "train.py: error: RANK set in the environment without WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: start "
+        "the processes with torchrun, or unset RANK for a single-process run"], result.stderr
     assert not (tmp_path / "run").exists()
 
 

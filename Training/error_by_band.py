@@ -121,7 +121,7 @@ def _gain(reference_error: float, error: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("volume", type=Path, help="thin-slice CT; its third (k, slice) axis is the one degraded")
     parser.add_argument("--cases", nargs="+", default=["2:2", "5:5"], help="k:r cases as in cycleinr evaluate (default: 2:2 5:5)")
     parser.add_argument("--methods", nargs="+", default=["linear", "cycleinr"], help="the first is the reference (default: linear cycleinr)")

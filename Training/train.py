@@ -52,10 +52,24 @@ class TrainingDiverged(RuntimeError):
     so every checkpoint holds finite weights (the newest at most run.checkpoint_every steps back)."""
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def started_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher) set the rendezvous variables; one left over in
+    the shell alone would end in torch's traceback after the data is loaded."""
+    present = [name for name in TORCHRUN_VARIABLES if name in os.environ]
+    if present and len(present) < len(TORCHRUN_VARIABLES):
+        missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+        raise InputError(f"{', '.join(present)} set in the environment without {', '.join(missing)}: start the "
+                         f"processes with torchrun, or unset {' '.join(present)} for a single-process run")
+    return bool(present)
+
+
 def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
     """Run (or resume) training; returns the bare model and this process's per-step losses."""
     # ---------------------------------------------------------------- processes, devices
-    distributed = "RANK" in os.environ
+    distributed = started_by_torchrun()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

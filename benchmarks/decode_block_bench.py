@@ -33,7 +33,7 @@ SOURCE = REPO.parent / "shared" / "data" / "ct" / "train" / "lidc-0314_chest_1.0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=SOURCE, help="a thin-slice CT (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="central in-plane crop, pixels per side")
     parser.add_argument("--slices", type=int, default=30, help="thick slices, every --keep-every-th thin one")

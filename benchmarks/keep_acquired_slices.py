@@ -24,7 +24,7 @@ VALIDATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "v
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--weights")
     parser.add_argument("--crop", type=int, default=192, help="central in-plane crop (voxels); 0 = whole slices")
     parser.add_argument("--cases", nargs="+", default=["2:2", "3:3", "5:5"])

@@ -25,7 +25,7 @@ VALIDATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "v
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["2:2", "5:5"])
     args = parser.parse_args()
     if not VALIDATION.is_file():

@@ -26,7 +26,7 @@ PADDING, AIR = -3024, -1024
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--factor", default="4")
     args = parser.parse_args()
     image = sitk.ReadImage(str(DEMO_CT))

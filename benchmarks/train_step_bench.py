@@ -36,7 +36,7 @@ from Training.train import train_step  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "Training" / "configs" / "ct_cpu.yaml"))
     parser.add_argument("--steps", type=int, default=40, help="timed steps after the warm-up")
     parser.add_argument("--warm-up", type=int, default=3, help="steps run first and not timed")

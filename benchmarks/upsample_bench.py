@@ -47,7 +47,7 @@ def thick_ct(source: Path, folder: Path, size: int, slices: int, keep_every: int
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="in-plane crop (voxels)")
     parser.add_argument("--slices", type=int, default=30, help="thick slices")
     parser.add_argument("--keep-every", type=int, default=3, help="thick slice = every n-th 1 mm slice")
