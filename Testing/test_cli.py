@@ -469,7 +469,9 @@ def _upsampling_process(ct_crop, output: Path) -> subprocess.Popen:
 
 
 def _file_size_limit(limit_bytes: int):
-    """A child whose files cannot grow past `limit_bytes`: its writes fail (EFBIG) as on a full disk."""
+    """A child whose files cannot grow past `limit_bytes`: its writes fail (EFBIG) as on a full disk.
+    Start it with `python -B`: Python writes the bytecode cache in one call, unchecked, and would
+    leave a module's cut-off .pyc, which every later import of that module fails on."""
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
@@ -480,7 +482,7 @@ def _file_size_limit(limit_bytes: int):
 def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop, tmp_path, suffix):
     """NIfTI's writer reports a short write on stderr only and carries on: the command must not say done."""
     output = tmp_path / f"up{suffix}"
-    result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output),
+    result = subprocess.run([sys.executable, "-B", "-m", "CycleINRLib.cli", "upsample", str(ct_crop), str(output),
                              "--factor", "4", "--json-progress"], capture_output=True, timeout=300,
                             cwd=REPO, preexec_fn=_file_size_limit(64 * 1024), encoding="utf-8")
     assert result.returncode == 2, result.stderr
@@ -492,7 +494,7 @@ def test_an_output_that_cannot_be_written_whole_is_one_line_and_no_file(ct_crop,
 
 def test_an_snli_plot_that_cannot_be_written_whole_is_one_line_naming_it(ct_crop, tmp_path):
     plot = tmp_path / "profile.png"
-    result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "snli", str(ct_crop), "--plot", str(plot)],
+    result = subprocess.run([sys.executable, "-B", "-m", "CycleINRLib.cli", "snli", str(ct_crop), "--plot", str(plot)],
                             capture_output=True, timeout=300, cwd=REPO, preexec_fn=_file_size_limit(8 * 1024), encoding="utf-8")
     assert_refused(result, plot, f"{plot}: cannot be written (File too large)")
 
