@@ -56,8 +56,8 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 
 def started_by_torchrun() -> bool:
-    """Whether torchrun (or another launcher) set the rendezvous variables; one left over in
-    the shell alone would end in torch's traceback after the data is loaded."""
+    """Whether torchrun (or another launcher) set the rendezvous variables; some of them left
+    in the shell alone would end in torch's traceback when the process group starts."""
     present = [name for name in TORCHRUN_VARIABLES if name in os.environ]
     if present and len(present) < len(TORCHRUN_VARIABLES):
         missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
