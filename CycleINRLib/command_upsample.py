@@ -26,7 +26,7 @@ def register(commands) -> None:
     parser.add_argument("output", help="output file (.nii, .nii.gz, .nrrd or .mha)")
     amount = parser.add_mutually_exclusive_group(required=True)
     amount.add_argument("--factor", type=float, help=f"upsampling factor r, 1 < r <= {geometry.MAX_FACTOR:g}, may be fractional (2.5)")
-    amount.add_argument("--spacing", type=float, help="target slice spacing in mm (smaller than the input's)")
+    amount.add_argument("--spacing", type=float, help="target slice spacing in mm (smaller than the input's; within 0.1%% of a whole division of it, that division)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slice axis as an image index axis (0=i, 1=j, 2=k); auto: the coarsest (k for square pixels coarser than the slices)")
     parser.add_argument("--device", default="auto", choices=DEVICES,

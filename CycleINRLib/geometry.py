@@ -20,6 +20,9 @@ from .errors import InputError
 MAX_FACTOR = 20.0
 COINCIDENCE_TOLERANCE = 1e-6  # in input-slice units
 FACTOR_ROUNDING = 1e-6  # relative: a spacing stored as float32 may turn a factor of 20 into 20.0000004
+# relative: a target spacing this close to a whole division of the slice spacing gets the whole
+# factor (7.000524 mm slices to 1 mm is 7, not 7.0005, whose grid keeps 1 acquired slice in 20)
+WHOLE_FACTOR_TOLERANCE = 1e-3
 
 
 def slice_axis(spacing: tuple[float, ...], axis: int | None = None) -> int:
@@ -39,7 +42,8 @@ def slice_axis(spacing: tuple[float, ...], axis: int | None = None) -> int:
 
 
 def factor_for_spacing(input_spacing: float, target_spacing: float) -> float:
-    """The factor that turns slice spacing `input_spacing` into `target_spacing`."""
+    """The factor that turns slice spacing `input_spacing` into `target_spacing`, a whole one
+    where that is within WHOLE_FACTOR_TOLERANCE: then every acquired slice is kept as it is."""
     if not target_spacing > 0:
         raise InputError(f"target spacing must be positive, not {target_spacing} mm")
     if target_spacing >= input_spacing:
@@ -53,7 +57,10 @@ def factor_for_spacing(input_spacing: float, target_spacing: float) -> float:
             f"target spacing {target_spacing:g} mm is {factor:.3g} times finer than the input's slice spacing "
             f"{input_spacing:g} mm; the largest supported factor is {MAX_FACTOR:g} ({input_spacing / MAX_FACTOR:.3g} mm)"
         )
-    return min(factor, MAX_FACTOR)  # 4.9 mm, stored as 4.900000095 in NIfTI, to 0.245 mm is 20
+    whole = round(factor)
+    if whole >= 2 and abs(factor - whole) <= WHOLE_FACTOR_TOLERANCE * whole:
+        return float(min(whole, MAX_FACTOR))  # 4.9 mm, stored as 4.900000095 in NIfTI, to 0.245 mm is 20
+    return min(factor, MAX_FACTOR)
 
 
 def check_factor(factor: float) -> float:

@@ -90,6 +90,20 @@ def test_target_spacing_and_terminal_summary(ct_crop, tmp_path):
     assert sitk.ReadImage(str(output)).GetSpacing()[2] == pytest.approx(2.0)
 
 
+def test_a_target_spacing_a_hair_off_a_whole_division_keeps_every_acquired_slice(ct_crop, tmp_path):
+    """A real MR's 7.000524 mm slices to 1 mm: factor 7.0005 would regenerate all but the first."""
+    image = sitk.ReadImage(str(ct_crop))
+    image.SetSpacing(image.GetSpacing()[:2] + (7.000524,))
+    source, output = tmp_path / "mr_like.nrrd", tmp_path / "up.nrrd"
+    sitk.WriteImage(image, str(source))
+    result = cycleinr("upsample", source, output, "--spacing", "1")
+    assert result.returncode == 0, result.stderr
+    assert "factor 7)" in result.stdout, result.stdout
+    upsampled = sitk.ReadImage(str(output))
+    assert upsampled.GetSpacing()[2] == pytest.approx(7.000524 / 7)
+    assert np.array_equal(sitk.GetArrayFromImage(upsampled)[::7], sitk.GetArrayFromImage(image))
+
+
 def _upsample_with_and_without(option, ct_crop, tmp_path):
     """(array, JSON summary) of `cycleinr upsample --factor 2.5` with `option`, then without it."""
     runs = []

@@ -83,6 +83,17 @@ def test_factor_out_of_range_is_refused(factor):
         geometry.check_factor(factor)
 
 
+@pytest.mark.parametrize("slice_spacing, target, factor", [
+    (7.000524, 1.0, 7.0),  # a real MR's spacing: 7.0005 would regenerate 19 of its 20 acquired slices
+    (4.997, 1.0, 5.0), (2.0, 0.9995, 2.0), (2.5, 1.0, 2.5), (6.5, 1.0, 6.5), (7.01, 1.0, 7.01),
+])
+def test_a_spacing_within_a_thousandth_of_a_whole_factor_gets_it(slice_spacing, target, factor):
+    assert geometry.factor_for_spacing(slice_spacing, target) == pytest.approx(factor, rel=1e-12)
+    kept = geometry.acquired_slice_matches(20, geometry.factor_for_spacing(slice_spacing, target))
+    if factor == round(factor):
+        assert len(kept) == 20
+
+
 def test_target_spacing_must_be_finer_than_input():
     assert geometry.factor_for_spacing(5.0, 2.0) == 2.5
     with pytest.raises(InputError, match="not smaller"):
