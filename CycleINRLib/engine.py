@@ -36,6 +36,7 @@ GAUSSIAN_SIGMA_FRACTION = 1 / 8  # of the tile size, as in nnU-Net's sliding win
 SAMPLING_MARGIN = 2  # the lerp's upper slice and the attention's +-1 neighbour
 CHUNKS_PER_TILE = 16  # decode chunks a tile is cut into at least: progress reports and cancel checks
 BF16_DEVICES = ("cpu", "cuda")  # where torch.autocast offers bfloat16 here
+FILL_SHARE = 0.01  # of a volume's voxels at its lowest value, from which that value is a fill kept as it is
 
 
 ProgressCallback = Callable[[float, str], None]
@@ -248,8 +249,7 @@ def upsample_array(
     if not all(np.isfinite(output_slice).all() for output_slice in result):  # slice by slice: no volume-sized mask
         raise InputError(f"the result holds NaN or infinite values: input intensities from {slices_first.min():g} to "
                          f"{slices_first.max():g} are beyond what float32 arithmetic in the model holds")
-    if normalization.floor is not None:
-        _keep_out_of_field(result, slices_first, positions, normalization.floor)
+    _keep_background(result, slices_first, positions, normalization.floor)
     if match_noise:
         noise_matching.add_missing_noise(result, slices_first, factor)
     output = to_pixel_type(result, array.dtype)
@@ -259,24 +259,37 @@ def upsample_array(
     return np.moveaxis(output, 0, axis)
 
 
-def _keep_out_of_field(result: np.ndarray, slices: np.ndarray, positions: np.ndarray, floor: float) -> None:
-    """Give output voxels between two acquired voxels below `floor` their linear interpolation.
+def _keep_background(result: np.ndarray, slices: np.ndarray, positions: np.ndarray, floor: float | None) -> None:
+    """Give output voxels between two acquired background voxels their linear interpolation.
 
-    Those are padding outside the field of view (README, "Upsampling your own volume"): the
-    network saw them as air, and the output keeps the input's padding value there.
+    Background is padding below `floor` outside a CT's field of view (README, "Upsampling your
+    own volume"), which the network saw as air, or else the volume's lowest value where it fills
+    at least FILL_SHARE of it (an MR's zero fill, which the CT weights would turn into -1 and -2;
+    not the one darkest voxel of continuous data, nor a CT's air at the floor): the output keeps
+    it as it was.
     """
-    if slices.min() >= floor:
+    lowest = slices.min()
+    if floor is not None and lowest < floor:
+        padding = True
+    elif (floor is None or lowest > floor) and \
+            sum(np.count_nonzero(plane == lowest) for plane in slices) >= FILL_SHARE * slices.size:
+        padding = False
+    else:
         return
+
+    def background(plane: np.ndarray) -> np.ndarray:
+        return plane < floor if padding else plane == lowest
+
     lower = np.minimum(np.floor(positions).astype(int), len(slices) - 1)
     upper = np.minimum(lower + 1, len(slices) - 1)
     for out_slice, below, above, weight in zip(result, lower, upper, positions - lower):
-        # on an acquired slice (--no-keep-acquired-slices) its own padding is enough
+        # on an acquired slice (--no-keep-acquired-slices) its own background is enough
         if weight < geometry.COINCIDENCE_TOLERANCE:
-            outside, weight = slices[below] < floor, 0.0
+            outside, weight = background(slices[below]), 0.0
         elif weight > 1 - geometry.COINCIDENCE_TOLERANCE:
-            outside, weight = slices[above] < floor, 1.0
+            outside, weight = background(slices[above]), 1.0
         else:
-            outside = (slices[below] < floor) & (slices[above] < floor)
+            outside = background(slices[below]) & background(slices[above])
         if outside.any():
             out_slice[outside] = (1 - weight) * slices[below][outside] + weight * slices[above][outside]
 

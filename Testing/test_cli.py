@@ -187,6 +187,21 @@ def test_input_that_is_not_ct_is_announced(ct_crop, shared_data, tmp_path):
         assert ("does not look like CT" in result.stderr) == expected, (source, result.stderr)
 
 
+def test_an_mr_s_zero_fill_stays_zero(shared_data, tmp_path):
+    """The PD MR's zero-filled columns: the CT weights would make -1 and -2 of most of them
+    (negative MR intensities break log transforms, bias correction, "> 0" masks)."""
+    image = sitk.ReadImage(str(shared_data / "demo/ge_brain_mr_pd_7mm.nii.gz"))[0:64, 96:160, :]
+    source, output = tmp_path / "pd.nii.gz", tmp_path / "up.nii.gz"
+    sitk.WriteImage(image, str(source))
+    result = cycleinr("upsample", source, output, "--factor", "3")
+    assert result.returncode == 0, result.stderr
+    acquired, upsampled = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    zero_fill = (acquired == 0).all(axis=0)
+    assert zero_fill.mean() > 0.3  # the crop holds the fill
+    assert (upsampled[:, zero_fill] == 0).all()
+    assert (upsampled[:, ~zero_fill] != np.repeat(acquired, 3, axis=0)[:len(upsampled), ~zero_fill]).any()  # the model ran
+
+
 def test_padding_outside_the_field_of_view_stays_padding(shared_data, tmp_path):
     """A CT padded with -3024 HU outside its round field of view is upsampled as if it held air.
 
