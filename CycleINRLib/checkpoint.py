@@ -63,6 +63,9 @@ def write_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -
         raise OSError(f"{path}: cannot be written ({error})") from None
 
 
+CHECKPOINT_HINT = "a training checkpoint? make a weights file of it with Training/export_weights.py"
+
+
 def read_description(path: Path) -> dict:
     """The JSON description of a weights file, with a one-line error for any defect."""
     if path.is_dir():
@@ -71,22 +74,41 @@ def read_description(path: Path) -> dict:
         raise WeightsError(f"{path}: weights file not found")
     if not os.access(path, os.R_OK):
         raise WeightsError(f"{path}: permission denied")
+    if path.suffix.lower() == ".json":
+        raise WeightsError(f"{path}: is a JSON file, not a .safetensors weights file ({CHECKPOINT_HINT})")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            checkpoint = any(name.startswith("optimizer.") for name in handle.keys())
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"{path}: not a readable safetensors file, corrupt or truncated ({error})") from None
     if METADATA_KEY not in metadata:
-        raise WeightsError(f"{path}: safetensors file has no CycleINR description (metadata '{METADATA_KEY}')")
+        hint = f" ({CHECKPOINT_HINT})" if checkpoint else ""
+        raise WeightsError(f"{path}: safetensors file has no CycleINR description (metadata '{METADATA_KEY}'){hint}")
     try:
         description = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: JSON nested thousands deep
         raise WeightsError(f"{path}: CycleINR description is not valid JSON ({error})") from None
     if not isinstance(description, dict):
         raise WeightsError(f"{path}: CycleINR description is not a JSON object")
-    if description.get("format") != FORMAT_VERSION:
+    if type(description.get("format")) is not int or description["format"] != FORMAT_VERSION:  # true == 1 in Python
         raise WeightsError(f"{path}: weights format {description.get('format')!r}, this version reads {FORMAT_VERSION}")
+    if not isinstance(description.get("trained", False), bool):
+        raise WeightsError(f"{path}: 'trained' in its description is {description['trained']!r}, not true or false")
+    if not isinstance(description.get("provenance", {}), dict):
+        raise WeightsError(f"{path}: 'provenance' in its description is not a JSON object")
     return description
+
+
+def read_config(path: Path) -> tuple[ModelConfig, dict]:
+    """(model config, description) of a weights file; WeightsError for any defect."""
+    description = read_description(path)
+    if "config" not in description:
+        raise WeightsError(f"{path}: model configuration is missing from its description")
+    try:
+        return ModelConfig.from_dict(description["config"]), description
+    except (TypeError, ValueError) as error:
+        raise WeightsError(f"{path}: model configuration is invalid ({error})") from None
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[CycleINR, WeightsInfo]:
@@ -94,29 +116,33 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     if path is not None and not os.fspath(path).strip():  # Path("") would be the working folder
         raise WeightsError("the weights path is empty: give a .safetensors file, or no path for the bundled CT weights")
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    description = read_description(path)
-    try:
-        config = ModelConfig.from_dict(description["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise WeightsError(f"{path}: model configuration is invalid ({error})") from None
-    model = CycleINR(config)
+    config, description = read_config(path)
+    with torch.device("meta"):  # shapes only: the description's sizes allocate nothing before they match the file's
+        expected = {name: tuple(tensor.shape) for name, tensor in CycleINR(config).state_dict().items()}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            problems = _shape_problems(expected, {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+            tensors = {} if problems else {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"{path}: tensors cannot be read, file corrupt or truncated ({error})") from None
-    _check_tensors(path, model, tensors)
+    if problems:
+        raise WeightsError(f"{path}: weights do not match their configuration: " + "; ".join(problems))
+    if not_float := [name for name, tensor in tensors.items() if not tensor.is_floating_point()]:
+        raise WeightsError(f"{path}: weights must be floating point; {not_float[0]} holds {tensors[not_float[0]].dtype}")
+    if damaged := nonfinite_tensors(tensors):  # they would upsample to NaN, or to zeros once cast to an integer pixel type
+        raise WeightsError(f"{path}: weights hold {damaged}")
+    model = CycleINR(config)
     model.load_state_dict(tensors)
     model.eval().to(device)
     info = WeightsInfo(path, config, bool(description.get("trained")), description.get("provenance", {}))
     return model, info
 
 
-def _check_tensors(path: Path, model: CycleINR, tensors: dict) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [name for name in expected if name in tensors and tensors[name].shape != expected[name].shape]
+def _shape_problems(expected: dict, shapes: dict) -> list[str]:
+    """How the tensor shapes of a file differ from the model's (both: name -> shape tuple)."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [name for name in expected if name in shapes and shapes[name] != expected[name]]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
@@ -124,14 +150,13 @@ def _check_tensors(path: Path, model: CycleINR, tensors: dict) -> None:
         problems.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
     if wrong:
         name = wrong[0]
-        problems.append(f"shape mismatch for {name}: file {tuple(tensors[name].shape)}, model {tuple(expected[name].shape)}")
-    if problems:
-        raise WeightsError(f"{path}: weights do not match their configuration: " + "; ".join(problems))
-    if damaged := nonfinite_tensors(tensors):  # they would upsample to NaN, or to zeros once cast to an integer pixel type
-        raise WeightsError(f"{path}: weights hold {damaged}")
+        problems.append(f"shape mismatch for {name}: file {shapes[name]}, model {expected[name]}")
+    return problems
 
 
 def nonfinite_tensors(tensors: dict) -> str:
-    """'NaN or infinite values (N tensors, e.g. NAME)', or '' when every float tensor is finite."""
-    damaged = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    """'NaN or infinite values (N tensors, e.g. NAME)', or '' when every float tensor is finite
+    in float32, the precision the model runs in (float64 weights of 1e300 are infinite there)."""
+    damaged = [name for name, tensor in tensors.items()
+               if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all()]
     return f"NaN or infinite values ({len(damaged)} tensors, e.g. {damaged[0]})" if damaged else ""

@@ -17,6 +17,8 @@ DEVICE_HELP = "auto: CUDA, then Apple MPS, then the CPU; gpu: CUDA, then Apple M
 CT_FLOOR_HU = -1024.0
 CT_AIR_CEILING_HU = -500  # a CT in HU has air near -1000; an input whose minimum lies above this
 HU_SPAN_FLOOR = 100  # and whose values span less than this (z-scored MR), or hold none below 0, is not one
+MIN_WINDOW = 1e-30  # the narrowest normalization window: its inverse still holds in float32
+MAX_WINDOW_BOUND = 1e38  # its bounds, and their difference, too (float32 ends at 3.4e38)
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,14 @@ class Normalization:
     def __post_init__(self):
         if self.kind not in ("window", "percentile"):
             raise ValueError(f"normalization kind must be window or percentile, not {self.kind!r}")
-        if not self.high > self.low:
-            raise ValueError(f"normalization needs high > low, got {self.low}, {self.high}")
+        if not (abs(self.low) <= MAX_WINDOW_BOUND and abs(self.high) <= MAX_WINDOW_BOUND and self.high > self.low):
+            raise ValueError(f"normalization needs low < high, both finite in float32, got {self.low}, {self.high}")
+        if self.kind == "percentile" and not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"normalization percentiles must lie in [0, 100], got {self.low}, {self.high}")
+        # 1 / (high - low) scales every input: it must hold in float32, and the window must be
+        # wider than float32 can tell apart at its values
+        if self.high - self.low < max(MIN_WINDOW, 1e-6 * max(abs(self.low), abs(self.high))):
+            raise ValueError(f"normalization window {self.low:g}..{self.high:g} is too narrow to scale intensities by")
 
     def bounds(self, array: np.ndarray) -> tuple[float, float]:
         """The (low, high) intensities that map to 0 and 1 for this input."""
@@ -70,6 +78,10 @@ class Normalization:
 
 
 DECODER_ACTIVATIONS = ("relu", "gelu")
+# Far above both named configs (`paper`: 64 channels, 3 x 6 convolutions, 8 layers of 256), far
+# below what a weights file's few bytes of JSON could otherwise make the loader allocate.
+MAX_WIDTH = 4096  # channels, latent length, decoder units
+MAX_DEPTH = 64  # residual blocks, convolutions per block, decoder layers
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,12 @@ class ModelConfig:
         if min(self.encoder_width, self.encoder_blocks, self.convs_per_block, self.latent_dim,
                self.decoder_width, self.decoder_layers) < 1:
             raise ValueError("model sizes must be positive")
+        widths = {"encoder_width": self.encoder_width, "latent_dim": self.latent_dim, "decoder_width": self.decoder_width}
+        depths = {"encoder_blocks": self.encoder_blocks, "convs_per_block": self.convs_per_block,
+                  "decoder_layers": self.decoder_layers}
+        for sizes, largest in ((widths, MAX_WIDTH), (depths, MAX_DEPTH)):
+            if too_large := [f"{name} {size}" for name, size in sizes.items() if size > largest]:
+                raise ValueError(f"{too_large[0]} is above {largest}, more than any model this code is meant for")
 
     @property
     def receptive_radius(self) -> int:
@@ -110,12 +128,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        if not isinstance(values, dict):
+            raise ValueError(f"the model settings must be a mapping of names to values, not {_kind_of(values)}")
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
         values = {key: value if key == "normalization" else typed_setting(f"model.{key}", cls.__annotations__[key], value)
                   for key, value in values.items()}
+        if "normalization" in values and not isinstance(values["normalization"], (dict, Normalization)):
+            raise ValueError(f"model.normalization must be a mapping (kind, low, high), not {_kind_of(values['normalization'])}")
         if isinstance(values.get("normalization"), dict):
             given = values["normalization"]
             unknown = set(given) - set(Normalization.__annotations__)
@@ -154,6 +176,12 @@ def typed_setting(name: str, annotation: str, value):
     # a folder named 2024, an out_dir named on: YAML reads them as a number or true
     quote = " (YAML reads it so: write the value in quotes)" if kind == "str" and not isinstance(value, (dict, list)) else ""
     raise ValueError(f"{name} must be {_KIND_WORDS[kind]}, not {value!r}{quote}")
+
+
+def _kind_of(value) -> str:
+    """A short description of a wrong value: its text when short, its type otherwise."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
 _KIND_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",

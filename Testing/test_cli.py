@@ -163,12 +163,16 @@ def test_bf16_stays_within_a_few_hu_of_float32(ct_crop, tmp_path):
 
 
 def test_untrained_weights_are_announced(ct_crop, tmp_path):
-    from CycleINRLib.checkpoint import load_model
+    from CycleINRLib.checkpoint import save_model
+    from CycleINRLib.config import NAMED_CONFIGS
+    from CycleINRLib.models import CycleINR
 
-    _, info = load_model()
-    result = cycleinr("upsample", ct_crop, tmp_path / "o.nrrd", "--factor", "2")
-    assert result.returncode == 0
-    assert ("UNTRAINED" in result.stderr) == (not info.trained)
+    untrained = save_model(CycleINR(NAMED_CONFIGS["light"]), tmp_path / "untrained.safetensors", trained=False)
+    result = cycleinr("upsample", ct_crop, tmp_path / "o.nrrd", "--factor", "2", "--weights", untrained)
+    assert result.returncode == 0 and (tmp_path / "o.nrrd").is_file()
+    assert "UNTRAINED" in result.stderr and "not a trained super-resolution" in result.stderr
+    shipped = cycleinr("upsample", ct_crop, tmp_path / "p.nrrd", "--factor", "2")  # trained: no such warning
+    assert shipped.returncode == 0 and "UNTRAINED" not in shipped.stderr
 
 
 def test_input_that_is_not_ct_is_announced(ct_crop, shared_data, tmp_path):
@@ -617,6 +621,55 @@ def test_no_docstrings_and_an_unusable_plot_backend_change_nothing(ct_crop, tmp_
                             env=dict(os.environ, MPLBACKEND="module://a_backend_not_installed.inline"))
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert (tmp_path / "p.png").is_file()
+
+
+def test_the_installed_command_is_the_one_readme_runs(ct_crop, tmp_path):
+    """README's examples call the `cycleinr` script that installing the package makes, not
+    `python -m CycleINRLib.cli`."""
+    script = Path(sys.executable).parent / ("cycleinr.exe" if os.name == "nt" else "cycleinr")
+    assert script.is_file(), f"{script} is not there: the package is not installed into this Python (make test does it)"
+    result = subprocess.run([str(script), "upsample", str(ct_crop), str(tmp_path / "o.nii.gz"), "--factor", "2", "--device", "cpu"],
+                            capture_output=True, timeout=300, encoding="utf-8")
+    assert result.returncode == 0, result.stderr
+    assert sitk.ReadImage(str(tmp_path / "o.nii.gz")).GetSize()[2] == 2 * sitk.ReadImage(str(ct_crop)).GetSize()[2] - 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is there")
+def test_a_gpu_that_is_not_there_is_one_line(ct_crop, tmp_path):
+    result = cycleinr("upsample", ct_crop, tmp_path / "o.nii.gz", "--factor", "2", "--device", "gpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "cycleinr: error: device gpu requested but torch finds no CUDA or Apple MPS GPU; use cpu or auto"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_writes_what_readme_lists(tmp_path):
+    """`make demo`'s job: the volumes, both figures and a metrics table in which CycleINR has the
+    best SSIM and noise matching brings its SNLI down (README, overview)."""
+    folder = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "CycleINRLib.demo", "--output-dir", str(folder)],
+                            capture_output=True, cwd=REPO, timeout=900, encoding="utf-8")
+    assert result.returncode == 0, result.stderr
+    truth = sitk.ReadImage(str(folder / "phantom_truth_1mm.nii.gz"))
+    thick = sitk.ReadImage(str(folder / "phantom_thick_5mm.nii.gz"))
+    assert thick.GetSpacing()[2] == 5 * truth.GetSpacing()[2] and thick.GetOrigin() == truth.GetOrigin()
+    for name in ("cycleinr", "cycleinr_noise"):
+        output = sitk.ReadImage(str(folder / f"phantom_{name}_1mm.nii.gz"))
+        assert output.GetSize() == truth.GetSize() and output.GetSpacing() == truth.GetSpacing()
+        assert output.GetOrigin() == truth.GetOrigin() and output.GetDirection() == truth.GetDirection()
+    for figure in ("phantom_views.png", "phantom_noise_profile.png"):
+        assert (folder / figure).read_bytes().startswith(b"\x89PNG")
+    rows = {}
+    for line in (folder / "metrics.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) > 4 and cells[3] in ("linear", "cubic", "cycleinr", "cycleinr-noise"):
+            rows[cells[3]] = cells
+    header = [cell.strip() for cell in (folder / "metrics.md").read_text(encoding="utf-8").splitlines()[0].strip("|").split("|")]
+    ssim, snli = header.index("SSIM gen"), header.index("SNLI (truth)")
+    assert sorted(rows) == ["cubic", "cycleinr", "cycleinr-noise", "linear"]
+    assert float(rows["cycleinr"][ssim]) > max(float(rows["linear"][ssim]), float(rows["cubic"][ssim]))
+    assert float(rows["cycleinr-noise"][snli].split()[0]) < float(rows["cycleinr"][snli].split()[0])
+    assert "written to" in result.stdout
 
 
 def test_the_demo_says_in_one_line_where_it_cannot_write(tmp_path):

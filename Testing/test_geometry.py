@@ -18,7 +18,8 @@ from CycleINRLib.models import CycleINR
 LINEAR_MODEL = CycleINR(NAMED_CONFIGS["light"]).eval()
 
 
-@settings(max_examples=40, deadline=None)
+# The same 40 cases every run (a red CI reproduces here), and no example database in the checkout.
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(
     spacing=st.tuples(*[st.floats(0.3, 8.0)] * 3),
     origin=st.tuples(*[st.floats(-300, 300)] * 3),

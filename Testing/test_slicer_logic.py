@@ -6,18 +6,17 @@ neither), so this stands in minimal ones for `qt`, `slicer.ScriptedLoadableModul
 process, the command line and MRML are the real ones.
 """
 
+import re
 import sys
 import time
 import types
 from pathlib import Path
 
-import re
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="needs real MRML from the slicer-core package")
+import slicer  # real MRML from the slicer-core package, a test dependency (pyproject.toml)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "CycleINR"))
@@ -187,10 +186,19 @@ def test_the_panel_s_chart_takes_the_levels_its_run_measured(logic, scene, mr_cr
         logic.compareNoise(mr_crop, output, 2, report)  # levels of another axis
 
 
-def test_the_panel_learns_the_devices_from_a_separate_process(logic):
-    """Importing torch (and CUDA) into Slicer would stall its GUI and hold GPU memory."""
+def test_the_panel_learns_the_devices_from_a_separate_process(logic, monkeypatch):
+    """Importing torch (and CUDA) into Slicer would stall its GUI and hold GPU memory: with any
+    use of torch in this process made to fail, the panel still learns what PyTorch detects."""
     import torch
 
+    class Untouchable(types.ModuleType):
+        def __getattr__(self, name):
+            raise AssertionError(f"torch.{name} used in Slicer's own process")
+
+    untouchable = Untouchable("torch")
+    untouchable.__spec__ = torch.__spec__  # installed, as far as find_spec can tell
+    monkeypatch.setitem(sys.modules, "torch", untouchable)
+    logic._deviceProbe = None  # a fresh check, not one an earlier test started
     deadline = time.monotonic() + 120
     while (description := logic.deviceDescription()) is None:
         assert time.monotonic() < deadline, "the device check did not finish"
@@ -214,7 +222,7 @@ def test_a_slicer_packaging_without_pip_ensure_is_not_used(logic, monkeypatch):
 
 
 @pytest.mark.parametrize("outcome", ["declined", "pip failed"])
-def test_a_declined_or_failed_install_says_so(logic, monkeypatch, outcome):
+def test_a_declined_or_failed_install_says_so(logic, monkeypatch, caplog, outcome):
     """slicer.packaging raises RuntimeError when the user declines, pip_install CalledProcessError
     when pip fails: neither may reach the panel as a raw error."""
     import subprocess
@@ -228,7 +236,9 @@ def test_a_declined_or_failed_install_says_so(logic, monkeypatch, outcome):
     monkeypatch.setattr(logic, "_slicerPackaging", lambda: types.SimpleNamespace(pip_ensure=pip_ensure))
     module = sys.modules[type(logic).__module__]
     if outcome == "declined":
-        logic._install(["tqdm>=4.0"])
+        with caplog.at_level("INFO"):
+            logic._install(["tqdm>=4.0"])  # returns: the caller finds the packages missing
+        assert "Upsample slices: User declined package installation" in caplog.text
     else:
         with pytest.raises(module.UpsampleFailed, match=r"pip could not install tqdm>=4.0 \(exit status 1\)"):
             logic._install(["tqdm>=4.0"])

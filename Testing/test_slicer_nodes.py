@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="needs real MRML from the slicer-core package")
-vtk = pytest.importorskip("vtk")
+import slicer  # real MRML from the slicer-core package, a test dependency (pyproject.toml)
+import vtk
 from vtk.util import numpy_support  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -71,6 +71,20 @@ def job(node, temp_folders, **options):
     run = UpsampleJob(node, UpsampleOptions(device="cpu", **options), python=sys.executable, libraryParent=REPOSITORY)
     temp_folders.append(run)
     return run
+
+
+def poll_until(run, reached=None, seconds=300) -> None:
+    """Poll as the panel's timer does (a busy loop would take a core from the process) until
+    `reached(events)` holds, or with None until the run has finished; fails rather than hangs,
+    and fails when the run ends before `reached`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        events = run.poll()
+        if run.finished if reached is None else reached(events):
+            return
+        assert reached is None or not run.finished, f"the run ended first: {run.process.stderrTail}"
+        assert time.monotonic() < deadline, f"not there after {seconds} s: {run.process.stderrTail}"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -153,11 +167,9 @@ def test_cancel_changes_nothing_and_removes_its_files(shared_data, scene, temp_f
     volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     run = job(node, temp_folders, factor=3.0)
     run.start()
-    while not any(event["event"] == "progress" for event in run.poll()):
-        assert not run.finished, "the process ended before reporting progress"
+    poll_until(run, lambda events: any(event["event"] == "progress" for event in events))
     run.cancel()
-    while not run.finished:
-        run.poll()
+    poll_until(run)
     with pytest.raises(UpsampleCancelled):
         run.finish()
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
@@ -198,7 +210,6 @@ def test_the_readout_states_spacing_slices_and_size():
 
 
 def test_noise_levels_of_input_and_output_become_a_plot(oblique_mr, scene, temp_folders):
-    pytest.importorskip("CycleINRLib.metrics", reason="CycleINRLib.metrics is not there yet")
     from CycleINRSlicerLib.results import addNoisePlot, noiseLevels, summary
 
     output = job(oblique_mr, temp_folders, factor=2.0).wait()
@@ -289,9 +300,7 @@ def test_an_input_gone_or_moved_or_a_result_not_read_back_changes_nothing(obliqu
     if "chosen output" in damage:
         run.outputNode = chosen
     run.start()
-    while not run.finished:
-        run.poll()
-        time.sleep(0.05)
+    poll_until(run)
     nodes = scene.GetNumberOfNodes()
     if damage == "remove the input":
         scene.RemoveNode(inputNode)
@@ -342,15 +351,11 @@ def test_a_node_removed_while_the_run_goes_on_cancels_it_at_the_next_poll(obliqu
     run = job(inputNode, temp_folders, factor=3.0)
     run.outputNode = outputNode
     run.start()
-    while not any(event["event"] == "progress" and event.get("stage") == "upsample" for event in run.poll()):
-        assert not run.finished, run.process.stderrTail
-        time.sleep(0.05)  # as the panel's timer: a busy loop here would take a core from the process
+    poll_until(run, lambda events: any(event["event"] == "progress" and event.get("stage") == "upsample" for event in events))
     scene.RemoveNode(inputNode if removed == "input" else outputNode)
     run.poll()
     assert run.process._cancelRequested
-    while not run.finished:
-        run.poll()
-        time.sleep(0.05)
+    poll_until(run)
     with pytest.raises(UpsampleCancelled, match=f"{'big' if removed == 'input' else 'chosen output'}' left the scene"):
         run.finish()
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPOSITORY / "CycleINR"))
 
 from CycleINRLib import geometry  # noqa: E402
 from CycleINRLib.errors import UpsampleCancelled, UpsampleFailed  # noqa: E402
-from CycleINRSlicerLib import findLibraryParent  # noqa: E402
+from CycleINRSlicerLib import findLibraryParent, process as process_module  # noqa: E402
 from CycleINRSlicerLib.process import (  # noqa: E402
     EXIT_BAD_INPUT,
     UpsampleOptions,
@@ -41,11 +41,14 @@ def cli(inputPath, outputPath, options):
     return UpsampleProcess(upsampleCommand(sys.executable, inputPath, outputPath, options), REPOSITORY)
 
 
-def wait_for_progress(process):
-    """Poll until the engine reports progress (the model is loaded and running)."""
+def wait_for_progress(process, seconds=300):
+    """Poll until the engine reports progress (the model is loaded and running); fails rather
+    than hangs."""
+    deadline = time.monotonic() + seconds
     while not process.finished:
         if any(event["event"] == "progress" for event in process.poll()):
             return
+        assert time.monotonic() < deadline, f"no progress after {seconds} s: {process.stderrTail}"
         time.sleep(0.05)  # as the panel's timer: a busy loop would take a core from the process
     pytest.fail("the process ended before reporting progress")
 
@@ -155,11 +158,59 @@ def test_a_run_stops_and_writes_nothing_when_slicer_crashes(shared_data, tmp_pat
 
 
 def _exists(pid: int) -> bool:
+    """Still running: a zombie (ended, its exit status waiting for a parent that may never
+    collect it where the container's first process does not) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): as os.kill says
+        return True
+    return state != "Z"
+
+
+IGNORES_THE_CANCEL = """
+import json, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a run stuck where it cannot act on the request
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print(child.pid, file=sys.stderr, flush=True)
+print(json.dumps({"event": "progress", "fraction": 0.1, "stage": "upsample"}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals a process group")
+@pytest.mark.parametrize("how", ["the panel's polls", "the console's stop"])
+def test_a_run_that_ignores_the_cancel_is_killed_with_its_children(monkeypatch, how):
+    """A cancel that is not obeyed within the grace time ends the whole process group: the
+    launcher and the interpreter it started, so nothing goes on computing after Cancel."""
+    monkeypatch.setattr(process_module, "CANCEL_GRACE_SECONDS", 1.0)
+    process = UpsampleProcess([sys.executable, "-c", IGNORES_THE_CANCEL])
+    process.start()
+    wait_for_progress(process)
+    deadline = time.monotonic() + 60
+    while not process.stderrTail:  # its own reader thread, which may come after stdout's
+        assert time.monotonic() < deadline, "the child's pid did not come"
+        time.sleep(0.05)
+    child = int(process.stderrTail.splitlines()[0])
+    process.cancel()
+    if how == "the panel's polls":
+        deadline = time.monotonic() + 60
+        while not process.finished:
+            assert time.monotonic() < deadline, "the run was not killed"
+            process.poll()
+            time.sleep(0.05)
+    else:
+        process.stop()
+    assert process._process.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while _exists(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _exists(child), "the launcher's child went on"
+    with pytest.raises(UpsampleCancelled):
+        process.outcome()
 
 
 def test_a_silent_exit_through_a_launcher_suggests_memory():

@@ -75,8 +75,13 @@ def test_every_parameter_is_bound_to_a_widget_that_can_show_it():
 
 
 def test_the_panel_is_connected_to_the_parameter_node():
-    assert "self._parameterNode.connectGui(self.ui)" in SOURCE
-    assert "disconnectGui(self._parameterNodeGuiTag)" in SOURCE
+    """Calls in the code, not words in a comment: the tag connectGui returns is what
+    disconnectGui is given."""
+    nodes = list(ast.walk(ast.parse(SOURCE)))
+    assignments = {ast.unparse(node) for node in nodes if isinstance(node, ast.Assign)}
+    calls = {ast.unparse(node) for node in nodes if isinstance(node, ast.Call)}
+    assert "self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)" in assignments
+    assert "self._parameterNode.disconnectGui(self._parameterNodeGuiTag)" in calls
 
 
 def test_non_standard_widget_classes_are_declared():

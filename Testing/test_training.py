@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -338,12 +337,25 @@ def test_a_damaged_checkpoint_is_skipped_and_none_readable_is_refused(crops, tmp
                   ("does not restore", json.dumps({**intact, "optimizer": {"param_groups": []}})),  # JSON, wrong state
                   (r"does not restore \(step 4 is not the 6 of its file name\)", json.dumps({**intact, "step": 4})),
                   (r"does not restore \(step True is not the 6", json.dumps({**intact, "step": True})),
-                  (r"does not restore \(metrics.wall_seconds is not a number\)",
+                  (r"does not restore \(metrics.wall_seconds is not a finite number\)",
                    json.dumps({**intact, "metrics": {**intact["metrics"], "wall_seconds": "x"}})),
-                  (r"does not restore \(optimizer.param_groups\[0\].lr is not a number\)",
-                   json.dumps({**intact, "optimizer": {**intact["optimizer"], "param_groups": [{**groups[0], "lr": "abc"}]}}))]
-    for message, text in hand_edits:
+                  (r"does not restore \(metrics.wall_seconds is not a finite number\)",
+                   json.dumps({**intact, "metrics": {**intact["metrics"], "wall_seconds": float("nan")}})),
+                  (r"does not restore \(optimizer.param_groups\[0\].lr is not a finite number\)",
+                   json.dumps({**intact, "optimizer": {**intact["optimizer"], "param_groups": [{**groups[0], "lr": "abc"}]}})),
+                  (r"does not restore \(scheduler state lacks base_lrs and \d+ more\)", json.dumps({**intact, "scheduler": {}}))]
+    tensors = load_file(str(run / "step-0000006.safetensors"))
+    moment = tensors["optimizer.0.exp_avg"]
+    tensor_edits = [  # without Adam's state a resume would restart Adam, quietly; a wrong shape fails at the first step
+        (r"does not restore \(optimizer state of parameter 0 is missing",
+         {key: value for key, value in tensors.items() if not key.startswith("optimizer.")}),
+        (r"does not restore \(optimizer state of parameter 0 is not shaped like the parameter\)",
+         {**tensors, "optimizer.0.exp_avg": moment.reshape(-1)[:-1].clone()})]
+    edits = [(message, text, tensors) for message, text in hand_edits]
+    edits += [(message, json.dumps(intact), edited) for message, edited in tensor_edits]
+    for message, text, edited in edits:
         (run / "step-0000006.json").write_text(text, encoding="utf-8")
+        save_file(edited, str(run / "step-0000006.safetensors"))
         with pytest.warns(checkpointing.CheckpointWarning, match=rf"step-0000006\.json: {message}"):
             _, redone = train(config)
         assert [record["loss"] for record in redone] == [record["loss"] for record in history[3:]]
@@ -394,6 +406,26 @@ def test_accumulated_batches_make_the_step_of_the_batch_they_split(crops):
     for name, tensor in whole_model.state_dict().items():
         torch.testing.assert_close(split_model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     assert not torch.equal(whole_model.state_dict()["encoder.head.0.weight"], initial["encoder.head.0.weight"])
+
+
+def test_weights_trained_with_percentiles_take_an_mr_without_the_ct_warning(crops, shared_data, tmp_path):
+    """README's route to MR weights: train with the percentile normalization, export, then
+    `cycleinr upsample --weights`; the bundled CT weights warn on the same MR."""
+    config = small_config(crops, tmp_path / "run", steps=3)
+    config.model_overrides = {"normalization": {"kind": "percentile", "low": 0.5, "high": 99.5}}
+    train(config)
+    weights = export(tmp_path / "run" / "step-0000003.json", tmp_path / "mr.safetensors")
+    mr = tmp_path / "mr.nii.gz"
+    source = sitk.ReadImage(str(shared_data / "demo" / "pgbm-001_brain_mr_t1post_6.5mm.nii.gz"))[100:164, 120:184, 6:12]
+    sitk.WriteImage(source, str(mr))
+    for chosen, warned in ((["--weights", str(weights)], False), ([], True)):
+        output = tmp_path / f"out{len(chosen)}.nii.gz"
+        result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "upsample", str(mr), str(output), "--factor", "2",
+                                 "--device", "cpu", *chosen], capture_output=True, cwd=REPOSITORY, timeout=300, encoding="utf-8")
+        assert result.returncode == 0, result.stderr
+        assert ("does not look like CT" in result.stderr) == warned, result.stderr
+        upsampled = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+        assert upsampled.shape[0] == 11 and np.array_equal(upsampled[::2], sitk.GetArrayFromImage(source))
 
 
 def test_score_weights_repeats_the_validation_the_run_logged(crops, tmp_path):
@@ -512,7 +544,7 @@ def test_fine_tuning_starts_from_a_weights_file_of_the_same_model(crops, tmp_pat
     with pytest.raises(ValueError, match="holds a different model"):
         other.__post_init__()
     other.model_overrides, other.run.init_weights = {}, str(tmp_path / "base" / "step-0000003.json")
-    with pytest.raises(ValueError, match="a training checkpoint: make a weights file of it with Training/export_weights.py"):
+    with pytest.raises(ValueError, match=r"a training checkpoint\? make a weights file of it with Training/export_weights.py"):
         other.__post_init__()
 
 
@@ -524,7 +556,7 @@ def test_train_script_rejects_a_bad_config_in_one_line(tmp_path, override, messa
     missing = tmp_path / "missing.safetensors"
     config, override = REPOSITORY / "Training" / "configs" / "ct_cpu.yaml", override.format(missing=missing)
     result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config", str(config), override],
-                            capture_output=True, cwd=tmp_path, encoding="utf-8")
+                            capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"train.py: error: {config} with {override}: {message.format(missing=missing)}"]
     assert not list(tmp_path.iterdir())
@@ -540,7 +572,7 @@ def test_train_script_reports_unreadable_data_in_one_line(tmp_path, source, mess
     (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, str(REPOSITORY / "Training" / "train.py"), "--config",
                              str(REPOSITORY / "Training" / "configs" / "ct_cpu.yaml"), f"data.train={tmp_path / source}",
-                             f"run.out_dir={tmp_path / 'run'}"], capture_output=True, cwd=tmp_path, encoding="utf-8")
+                             f"run.out_dir={tmp_path / 'run'}"], capture_output=True, cwd=tmp_path, timeout=300, encoding="utf-8")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"train.py: error: data.train: {tmp_path / source}: {message}"]
     assert not (tmp_path / "run").exists()
@@ -557,15 +589,17 @@ def test_train_script_reports_an_out_dir_it_cannot_write_in_one_line(crops, tmp_
     assert result.stderr.strip().splitlines()[-1] == f"train.py: error: {out_dir}: Not a directory"
 
 
-def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path, rank1_data: str | None = None) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank: int, config: TrainConfig, out: Path, rank1_data: str | None = None) -> None:
+    # torchrun's variables (train.py checks them); the ranks meet through a file, not a port
+    # that another process could take between picking and binding it
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     if rank == 1 and rank1_data:  # node-local data that differs from rank 0's
         config.data.train = rank1_data
     start_group = torch.distributed.init_process_group
 
     def recording_timeout(*args, **kwargs):  # how long the other ranks may wait for rank 0's validation
         (out / f"rank{rank}_timeout.txt").write_text(str(kwargs.get("timeout")), encoding="utf-8")
-        return start_group(*args, **kwargs)
+        return start_group(*args, **kwargs, init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
 
     torch.distributed.init_process_group = recording_timeout
     model, _ = train(config)
@@ -574,11 +608,8 @@ def _ddp_worker(rank: int, config: TrainConfig, port: int, out: Path, rank1_data
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path, accumulate):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     config = small_config(crops, tmp_path / "ddp", steps=4, accumulate=accumulate)
-    mp.spawn(_ddp_worker, args=(config, port, tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(config, tmp_path), nprocs=2, join=True)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     initial = CycleINR(config.model_config()).state_dict()
     assert rank0.keys() == rank1.keys()
@@ -590,15 +621,12 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(crops, tmp_path, accumulat
 
 
 def test_ddp_processes_that_read_other_volumes_are_stopped(crops, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     fewer = tmp_path / "fewer"
     fewer.mkdir()
     (fewer / "a.nii.gz").write_bytes((crops / "a.nii.gz").read_bytes())
     config = small_config(crops, tmp_path / "ddp", steps=2)
     with pytest.raises(mp.ProcessRaisedException, match="process 1 read other training volumes than process 0"):
-        mp.spawn(_ddp_worker, args=(config, port, tmp_path, str(fewer)), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(config, tmp_path, str(fewer)), nprocs=2, join=True)
     assert not checkpointing.list_checkpoints(tmp_path / "ddp")
 
 
@@ -738,13 +766,13 @@ def test_a_list_file_can_name_a_dicom_series_folder(crops, tmp_path):
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(crop))
 
 
-def test_one_volume_file_is_a_training_set(crops):
+def test_one_volume_file_is_a_training_set(crops, tmp_path):
     assert data.volume_paths(crops / "a.nii.gz") == [crops / "a.nii.gz"]
-    listing = crops.parent / "listing.txt"
-    listing.write_text(f"{crops.name}/a.nii.gz\n# a comment\n", encoding="utf-8")
-    assert data.volume_paths(listing) == [crops / "a.nii.gz"]
-    listing.write_text(f"{crops.name}/a.nii.gz\r\n", encoding="utf-8-sig")  # Notepad's BOM and line ends
-    assert data.volume_paths(listing) == [crops / "a.nii.gz"]
+    listing, relative = tmp_path / "listing.txt", os.path.relpath(crops, tmp_path)  # names relative to the list
+    listing.write_text(f"{relative}/a.nii.gz\n# a comment\n", encoding="utf-8")
+    assert data.volume_paths(listing) == [tmp_path / relative / "a.nii.gz"]
+    listing.write_text(f"{relative}/a.nii.gz\r\n", encoding="utf-8-sig")  # Notepad's BOM and line ends
+    assert data.volume_paths(listing) == [tmp_path / relative / "a.nii.gz"]
 
 
 def test_a_detached_nrrd_in_a_folder_is_a_volume(crops, tmp_path):
@@ -765,14 +793,14 @@ def test_a_broken_link_or_a_volume_listed_twice_is_said(crops, tmp_path):
     (folder / "moved.nii.gz").symlink_to(tmp_path / "elsewhere.nii.gz")
     with pytest.warns(data.TrainingDataWarning, match=r"moved\.nii\.gz: a link to .*elsewhere\.nii\.gz, which is not there"):
         assert data.volume_paths(folder) == [folder / "a.nii.gz"]
-    listing = crops.parent / "twice.txt"
-    listing.write_text(f"{crops.name}/a.nii.gz\n{crops.name}/b.nii.gz\n./{crops.name}/a.nii.gz\n", encoding="utf-8")
-    with pytest.warns(data.TrainingDataWarning, match=rf"\./{crops.name}/a\.nii\.gz is listed twice; reading it once"):
-        assert data.volume_paths(listing) == [crops / "a.nii.gz", crops / "b.nii.gz"]
+    listing, relative = tmp_path / "twice.txt", os.path.relpath(crops, tmp_path)
+    listing.write_text(f"{relative}/a.nii.gz\n{relative}/b.nii.gz\n{relative}/./a.nii.gz\n", encoding="utf-8")
+    with pytest.warns(data.TrainingDataWarning, match=re.escape(f"{relative}/./a.nii.gz is listed twice; reading it once")):
+        assert data.volume_paths(listing) == [tmp_path / relative / "a.nii.gz", tmp_path / relative / "b.nii.gz"]
     loop = tmp_path / "loop.nii.gz"
     loop.symlink_to(loop)
-    listing.write_text(f"{loop}\n{crops.name}/a.nii.gz\n", encoding="utf-8")  # the loop is skipped when read, like a missing file
-    assert data.volume_paths(listing) == [loop, crops / "a.nii.gz"]
+    listing.write_text(f"{loop}\n{relative}/a.nii.gz\n", encoding="utf-8")  # the loop is skipped when read, like a missing file
+    assert data.volume_paths(listing) == [loop, tmp_path / relative / "a.nii.gz"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is there")

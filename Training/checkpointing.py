@@ -90,7 +90,7 @@ def read_checkpoint(json_path: Path) -> tuple[dict, dict]:
     try:
         description = read_description(json_path)
         tensors = load_file(str(Path(json_path).with_suffix(".safetensors")))
-    except (OSError, ValueError, SafetensorError) as error:
+    except (OSError, ValueError, SafetensorError, RecursionError) as error:  # RecursionError: JSON nested thousands deep
         raise CheckpointError(f"{json_path}: not a readable checkpoint ({error})") from None
     fields = description if isinstance(description, dict) else {}
     missing = [key for key, kind in DESCRIPTION_TYPES.items() if not isinstance(fields.get(key), kind)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from CycleINRLib.checkpoint import WeightsError, read_description
+from CycleINRLib.checkpoint import WeightsError, read_config
 from CycleINRLib.config import DEVICES, NAMED_CONFIGS, ModelConfig, typed_setting
 from CycleINRLib.degrade import DEGRADATIONS
 from CycleINRLib.errors import InputError
@@ -157,12 +156,9 @@ class TrainConfig:
         model_config = self.model_config()  # unknown or invalid overrides fail at load time, not after hours
         if self.run.init_weights:
             try:
-                start = ModelConfig.from_dict(read_description(Path(self.run.init_weights))["config"])
+                start, _ = read_config(Path(self.run.init_weights))
             except WeightsError as error:
-                checkpoint = re.search(r"step-\d+\.(json|safetensors)$", str(self.run.init_weights)) \
-                    and Path(self.run.init_weights).is_file()
-                hint = "; a training checkpoint: make a weights file of it with Training/export_weights.py" if checkpoint else ""
-                raise ValueError(f"run.init_weights: {error}{hint}") from None
+                raise ValueError(f"run.init_weights: {error}") from None
             if start != model_config:
                 raise ValueError(f"run.init_weights {self.run.init_weights} holds a different model than this run's "
                                  f"{self.model!r} with {self.model_overrides or 'no overrides'}")

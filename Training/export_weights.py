@@ -47,6 +47,8 @@ def export(checkpoint: Path, output: Path, data_note: str | None = None) -> Path
         origin = provenance(config, description["step"], description["metrics"])
     except (KeyError, TypeError) as error:  # a hand-edited description; resuming does not need these
         raise ValueError(f"{checkpoint}: its metrics lack {error}, which the weights file's provenance records") from None
+    except ValueError as error:  # a wall time of NaN
+        raise ValueError(f"{checkpoint}: its metrics hold a value the provenance cannot record ({error})") from None
     if data_note:
         origin["data_note"] = data_note
     return save_model(model, output, trained=True, provenance=origin)

@@ -210,8 +210,19 @@ def check_restorable(json_path: Path, description: dict, tensors: dict) -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=saved.optim.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=saved.optim.lr_halve_every, gamma=0.5)
         rng_state = torch.get_rng_state()
+        expected_schedule = set(scheduler.state_dict())
         checkpointing.restore(description, tensors, model, optimizer, scheduler)
         torch.set_rng_state(rng_state)
+        # Adam's moments for every parameter, shaped like it: without them a resume would quietly
+        # restart Adam, and a wrong shape would fail only at the first step
+        for index, parameter in enumerate(model.parameters()):
+            state = optimizer.state.get(parameter, {})
+            if not {"step", "exp_avg", "exp_avg_sq"} <= set(state):
+                raise ValueError(f"optimizer state of parameter {index} is missing (Adam's step and moments)")
+            if any(state[name].shape != parameter.shape for name in ("exp_avg", "exp_avg_sq")):
+                raise ValueError(f"optimizer state of parameter {index} is not shaped like the parameter")
+        if missing := sorted(expected_schedule - set(description["scheduler"]), key=lambda key: (key.startswith("_"), key)):
+            raise ValueError(f"scheduler state lacks {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))
         named = checkpointing.checkpoint_step(json_path)
         if isinstance(description["step"], bool) or description["step"] != named:
             raise ValueError(f"step {description['step']!r} is not the {named} of its file name")
@@ -223,8 +234,9 @@ def check_restorable(json_path: Path, description: dict, tensors: dict) -> None:
                    "metrics.best_val_psnr": metrics.get("best_val_psnr", 0.0),
                    **{f"optimizer.param_groups[{index}].lr": group.get("lr")
                       for index, group in enumerate(description["optimizer"]["param_groups"])}}
-        if wrong := [name for name, value in numbers.items() if isinstance(value, bool) or not isinstance(value, (int, float))]:
-            raise ValueError(f"{wrong[0]} is not a number")
+        if wrong := [name for name, value in numbers.items()
+                     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)]:
+            raise ValueError(f"{wrong[0]} is not a finite number")
         world_size = metrics.get("world_size", 1)
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"metrics.world_size {world_size!r} is not a number of processes")
