@@ -71,6 +71,8 @@ def read_description(path: Path) -> dict:
     if path.is_dir():
         raise WeightsError(f"{path}: is a folder; give a .safetensors file")
     if not path.is_file():
+        if path.is_symlink():  # moved, or a link that leads back to itself
+            raise WeightsError(f"{path}: a link to {os.readlink(path)}, which is not there or loops back")
         raise WeightsError(f"{path}: weights file not found")
     if not os.access(path, os.R_OK):
         raise WeightsError(f"{path}: permission denied")

@@ -67,6 +67,13 @@ def test_missing_file(tmp_path):
         load_model(tmp_path / "absent.safetensors")
 
 
+def test_a_link_that_leads_nowhere_says_so(tmp_path):
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(WeightsError, match=r"loop.safetensors: a link to .*loop.safetensors, which is not there or loops back"):
+        load_model(loop)
+
+
 def test_corrupt_file(tmp_path):
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(b"\x00\x01not a safetensors file" * 10)
