@@ -11,7 +11,8 @@
 # upsampling) and the training-step benchmarks on the GPU; the s/step at batch BATCH (128)
 # stays on the machine and sizes train. FIT_ONE_BATCH=1 adds whether the paper config leaves
 # the linear start (fit_one_batch.py, 100 steps in float32; under 30 s on an H200).
-# train: a stage of ct_cpu.yaml on the GPU from the shipped weights (or from INIT_WEIGHTS, a
+# train: a stage of ct_cpu.yaml, patches of LR_SLICES (15) LR slices (check times that step),
+# on the GPU from the shipped weights (or from INIT_WEIGHTS, a
 # file that travels: name it in carry), batch BATCH, Adam LR (1e-4) halved every quarter, as many
 # steps as fit in S seconds (default 300, at most 500, 440 with MEASURE=1, so that the call ends
 # within its 600 s; stopped 30 s after S whatever happens; a retry starts over); its
@@ -33,6 +34,7 @@ PYTHON=${PYTHON:-python3}  # the GPU image's, which holds PyTorch
 BATCH=${BATCH:-128}
 SEED=${SEED:-11}  # train's batches: a stage that follows another GPU stage draws other ones
 LR=${LR:-1.0e-4}  # train's first learning rate, halved every quarter of its steps
+LR_SLICES=${LR_SLICES:-15}  # LR slices a training patch holds: the light encoder's reach, 7 each way (README, the deep-patch stage)
 MEASURE=${MEASURE:-1}  # 0: skip what README already holds (the step at other batches and of ct.yaml,
                        # train's upsampling timing), so that the minutes go to the tests and training
 mkdir -p "$OUT"
@@ -83,11 +85,11 @@ check() {
     # A run that fails or times out (batch 512 out of memory) is said so and the others go on.
     for batch in $batches; do
         timeout 90 "$PYTHON" benchmarks/train_step_bench.py --config Training/configs/ct_cpu.yaml --steps 30 run.device=$DEVICE \
-            data.batch_size=$batch data.train=.gpu_data/check/data/ct/train data.workers=0 \
+            data.batch_size=$batch data.lr_slices="$LR_SLICES" data.train=.gpu_data/check/data/ct/train data.workers=0 \
             || echo "train_step_bench at batch $batch did not finish (time limit or error)"
     done 2>&1 | tee "$OUT/train_step_bench.md"
     # The mean s/step at batch BATCH, for train: the fourth column of its table row (none: train guesses).
-    grep -F "data.batch_size=$BATCH " "$OUT/train_step_bench.md" | head -n 1 | awk -F'|' '{gsub(/ /, "", $5); print $5}' \
+    grep -F "data.batch_size=$BATCH data.lr_slices=$LR_SLICES " "$OUT/train_step_bench.md" | head -n 1 | awk -F'|' '{gsub(/ /, "", $5); print $5}' \
         > .site/step_seconds || true
     if [ "$MEASURE" = 1 ]; then
         for recompute in 0 4; do
@@ -120,7 +122,7 @@ train() {
     echo "training $steps steps at batch $BATCH ($step_seconds s/step in check)" | tee -a "$OUT/train.log"
     timeout --signal=INT $((seconds + 30)) "$PYTHON" Training/train.py --config Training/configs/ct_cpu.yaml \
         run.device=$DEVICE run.threads=0 run.out_dir=runs/gpu_stage data.train=.gpu_data/train data.val=.gpu_data/val \
-        run.val_crop=null data.batch_size="$BATCH" data.workers=12 run.init_weights="${INIT_WEIGHTS:-CycleINRLib/weights/cycleinr_ct.safetensors}" \
+        run.val_crop=null data.batch_size="$BATCH" data.lr_slices="$LR_SLICES" data.workers=12 run.init_weights="${INIT_WEIGHTS:-CycleINRLib/weights/cycleinr_ct.safetensors}" \
         optim.seed="$SEED" optim.steps="$steps" optim.lr="$LR" optim.lr_halve_every=$((steps / 4)) run.val_every=$steps \
         run.checkpoint_every=$((steps / 8)) run.keep_checkpoints=2 run.log_every=50 2>&1 | tr '\r' '\n' | tail -40 >> "$OUT/train.log" \
         || echo "training stopped early (time limit or error): exporting its last checkpoint" | tee -a "$OUT/train.log"
@@ -129,7 +131,7 @@ train() {
     cp "$last" "$OUT/gpu_stage_last_step.json"
     local gpu note
     gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')")
-    note="run by benchmarks/gpu_session.sh train (SEED=$SEED LR=$LR MEASURE=$MEASURE TRAIN_SECONDS=$seconds) on a lent $gpu:"
+    note="run by benchmarks/gpu_session.sh train (SEED=$SEED LR=$LR LR_SLICES=$LR_SLICES MEASURE=$MEASURE TRAIN_SECONDS=$seconds) on a lent $gpu:"
     note+=" the three chest CTs of $SHARED/train as their central 256 x 256 in-plane crops, every slice, the head CT whole;"
     note+=" .gpu_data/val is the centred 64 x 192 x 192 crop of $SHARED/val/lidc-0002_chest_1.25mm.nii.gz"
     "$PYTHON" Training/export_weights.py "$last" --output "$OUT/gpu_stage.safetensors" --data-note "$note"
