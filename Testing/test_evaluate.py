@@ -377,7 +377,7 @@ def test_evaluate_end_to_end_on_a_crop_of_real_ct(shared_data, tmp_path):
         (d, c, m) for d in ("interval", "thick") for c in ("2:2", "5:2.5") for m in ("linear", "cubic")]
     for row in rows:
         assert 20 < float(row["psnr_generated"]) < 60 and 0 < float(row["ssim_generated"]) <= 1
-        assert float(row["snli_truth"]) > 0 and float(row["seconds"]) > 0
+        assert float(row["snli_truth"]) > 0 and float(row["seconds"]) >= 0  # interpolation can round to 0.00
         if row["degradation"] == "interval":
             assert float(row["psnr_generated"]) < float(row["psnr_all"])  # acquired slices are exact
     table = (output / "results.md").read_text(encoding="utf-8")
