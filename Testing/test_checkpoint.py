@@ -116,14 +116,14 @@ def test_a_written_weights_file_is_readable_by_whoever_may_read_new_files(tmp_pa
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def _with_description(tmp_path, name: str, tensors: dict | None = None, **changes) -> str:
+def _with_description(tmp_path, name: str, tensors=None, **changes):
     """A light model's tensors (or `tensors`) under a description with `changes` (None: key dropped)."""
     description = {"format": 1, "config": NAMED_CONFIGS["light"].to_dict(), "trained": True, **changes}
     description = {key: value for key, value in description.items() if value is not None}
     tensors = tensors if tensors is not None else CycleINR(NAMED_CONFIGS["light"]).state_dict()
     path = tmp_path / f"{name}.safetensors"
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(path),
-              metadata={"cycleinr": json.dumps(description) if isinstance(description, dict) else description})
+              metadata={"cycleinr": json.dumps(description)})
     return path
 
 
