@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -589,7 +590,11 @@ def test_train_script_reports_an_out_dir_it_cannot_write_in_one_line(crops, tmp_
     assert result.stderr.strip().splitlines()[-1] == f"train.py: error: {out_dir}: Not a directory"
 
 
-def _ddp_worker(rank: int, config: TrainConfig, out: Path, rank1_data: str | None = None) -> None:
+def _ddp_worker(rank: int, config: TrainConfig, out: Path, rank1_data: str | None = None,
+                record_errors: bool = False) -> None:
+    """One rank of a two-process run. With `record_errors`, each rank writes the error it ended
+    with to rankN_error.txt (mp.spawn would end the other rank at the first one's error), and a
+    collective that waits over 60 s fails instead of after train.py's two hours."""
     # torchrun's variables (train.py checks them); the ranks meet through a file, not a port
     # that another process could take between picking and binding it
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
@@ -599,10 +604,18 @@ def _ddp_worker(rank: int, config: TrainConfig, out: Path, rank1_data: str | Non
 
     def recording_timeout(*args, **kwargs):  # how long the other ranks may wait for rank 0's validation
         (out / f"rank{rank}_timeout.txt").write_text(str(kwargs.get("timeout")), encoding="utf-8")
+        if record_errors:
+            kwargs["timeout"] = timedelta(seconds=60)
         return start_group(*args, **kwargs, init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
 
     torch.distributed.init_process_group = recording_timeout
-    model, _ = train(config)
+    try:
+        model, _ = train(config)
+    except Exception as error:
+        if not record_errors:
+            raise
+        (out / f"rank{rank}_error.txt").write_text(f"{type(error).__name__}: {error}", encoding="utf-8")
+        return
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 
 
@@ -628,6 +641,18 @@ def test_ddp_processes_that_read_other_volumes_are_stopped(crops, tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="process 1 read other training volumes than process 0"):
         mp.spawn(_ddp_worker, args=(config, tmp_path, str(fewer)), nprocs=2, join=True)
     assert not checkpointing.list_checkpoints(tmp_path / "ddp")
+
+
+def test_validation_data_rank_0_cannot_read_stops_every_process(crops, tmp_path):
+    """Only rank 0 reads data.val: its failure must reach the others, not leave them waiting
+    in the first collective until the process group's timeout."""
+    config = small_config(crops, tmp_path / "ddp", steps=2)
+    config.data.val = str(tmp_path / "no_such_folder")
+    mp.spawn(_ddp_worker, args=(config, tmp_path, None, True), nprocs=2, join=True)
+    errors = [(tmp_path / f"rank{r}_error.txt").read_text(encoding="utf-8") for r in (0, 1)]
+    assert errors == [f"DataSourceError: process 0: data.val: {tmp_path / 'no_such_folder'}: "
+                      "no such folder, volume file or list file"] * 2
+    assert not (tmp_path / "ddp").exists()
 
 
 @pytest.mark.parametrize("device, processes", [("cpu", 2), pytest.param("cuda", torch.cuda.device_count(), marks=NEEDS_CUDA)])

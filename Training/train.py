@@ -91,17 +91,28 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
 
     # ---------------------------------------------------------------- data
     model_config = config.model_config()
-    with warnings.catch_warnings():
-        if not master:  # every process reads the same folder: its skips are said once, by rank 0
-            warnings.simplefilter("ignore", data.TrainingDataWarning)
-        volumes = data.named_source("data.train", data.load_volumes, config.data.train, config.data,
-                                    model_config.normalization)
-    if distributed:  # node-local copies of the data may differ: the ranks would train on other batches
+    try:
+        with warnings.catch_warnings():
+            if not master:  # every process reads the same folder: its skips are said once, by rank 0
+                warnings.simplefilter("ignore", data.TrainingDataWarning)
+            volumes = data.named_source("data.train", data.load_volumes, config.data.train, config.data,
+                                        model_config.normalization)
+        validation = data.named_source("data.val", ValidationSet.load, config.data.val, config.run,
+                                       model_config.normalization) if master and config.data.val else None
+        unreadable = None
+    except data.DataSourceError as error:
+        if not distributed:
+            raise
+        volumes, validation, unreadable = [], None, str(error)
+    if distributed:  # the others would wait for a process that stopped: every process stops with it
         read = [None] * world_size
-        dist.all_gather_object(read, ([volume.name for volume in volumes], _sizes(volumes)))
+        dist.all_gather_object(read, (unreadable, [volume.name for volume in volumes], _sizes(volumes)))
+        if failed := [rank for rank, (error, *_) in enumerate(read) if error]:
+            raise data.DataSourceError(f"process {failed[0]}: {read[failed[0]][0]}")
+        # node-local copies of the data may differ: the ranks would train on other batches
         if differing := [rank for rank, volumes_read in enumerate(read) if volumes_read != read[0]]:
             raise data.DataSourceError(f"process {differing[0]} read other training volumes than process 0 "
-                                       f"({read[differing[0]]} against {read[0]}): give every process the same data")
+                                       f"({read[differing[0]][1:]} against {read[0][1:]}): give every process the same data")
     trained_on = resumed_from["metrics"].get("training_data") if resumed_from else None
     if trained_on and trained_on != [volume.name for volume in volumes]:
         raise ResumeError(f"{out_dir} holds a run trained on {', '.join(trained_on)}; "
@@ -111,8 +122,6 @@ def train(config: TrainConfig) -> tuple[CycleINR, list[dict]]:
         raise ResumeError(f"{out_dir} holds a run trained on volumes of these names but of other sizes "
                           f"({sizes_then} voxels, {config.data.train} gives {_sizes(volumes)}): other volumes")
     dataset = data.PairBatches(volumes, config.data, config.optim.seed)
-    validation = data.named_source("data.val", ValidationSet.load, config.data.val, config.run, model_config.normalization) \
-        if master and config.data.val else None
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     torch.manual_seed(config.optim.seed)

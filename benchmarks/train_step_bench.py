@@ -2,8 +2,10 @@
 and the peak memory of the process (CPU: resident size; CUDA: tensors allocated on the GPU).
 
 Draws the config's own batches from its real training volumes, so scales, degradations and
-patch sizes are those of a real run; the first steps warm up and are not counted. Prints one
-Markdown table row for README:
+patch sizes are those of a real run; the first steps warm up and are not counted. Batches are
+drawn in this process between the timed steps (`data.workers` is not used), and the CPU peak
+includes the loaded volumes: the resident size before the first step is printed below the
+table. Prints one Markdown table row for README:
 
     .venv/bin/python benchmarks/train_step_bench.py                                  # Training/configs/ct_cpu.yaml
     .venv/bin/python benchmarks/train_step_bench.py --config Training/configs/ct.yaml --steps 20 run.device=cuda
@@ -66,6 +68,7 @@ def main() -> int:
     def step_batches(step: int) -> list[dict]:
         return [batches[(0, step * accumulate + index)] for index in range(accumulate)]
 
+    before_first_step_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     seconds = []
     for step in range(args.warm_up + args.steps):
         drawn = step_batches(step)
@@ -77,13 +80,15 @@ def main() -> int:
     timed = seconds[args.warm_up:]
     if device.type == "cuda":
         where, peak_gb = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # ru_maxrss is in KiB on Linux
+    else:
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("| config | device | steps | mean s/step | median s/step | patches/s | peak memory (GiB) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {Path(args.config).name} {' '.join(args.overrides)} | {where} | {len(timed)} | {statistics.mean(timed):.3f} | "
           f"{statistics.median(timed):.3f} | {accumulate * config.data.batch_size / statistics.mean(timed):.1f} | {peak_gb:.2f} |")
+    if device.type != "cuda":
+        print(f"\nresident before the first step (volumes, model, interpreter): {before_first_step_gb:.2f} GiB")
     if args.profile:  # after the timed steps, so that the profiler's overhead stays out of them
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as profiler:

@@ -1,7 +1,8 @@
 """Speed and peak memory of `cycleinr upsample` beside SimpleITK B-spline resampling.
 
 Each run is a fresh `cycleinr upsample` (or SimpleITK) process on a real CT from
-../shared/data, so peak resident memory is that run's own (ru_maxrss of the child).
+../shared/data, so peak resident memory is that run's own (ru_maxrss of the child), in GB of
+2^30 bytes, the unit of `--max-memory`.
 Prints a Markdown table for README:
 
     .venv/bin/python benchmarks/upsample_bench.py                       # 256x256 crop, r = 2, 2.5, 5
@@ -57,10 +58,10 @@ def main() -> int:
     parser.add_argument("--flip-ensemble", action="store_true", help="also time CycleINR with --flip-ensemble")
     parser.add_argument("--bf16", action="store_true", help="also time CycleINR with --bf16")
     parser.add_argument("--source", type=Path, default=SOURCE,
-                        help="the 1 mm chest CT (default: LIDC-IDRI-0314 in ../shared/data; a central crop of it where that is absent)")
+                        help="a thin-slice chest CT (default: LIDC-IDRI-0314's 1 mm CT in ../shared/data)")
     args = parser.parse_args()
     if not args.source.is_file():
-        raise SystemExit(f"{args.source} is absent: the benchmark needs ../shared/data")
+        raise SystemExit(f"{args.source} is absent: give --source, or put ../shared/data beside the checkout")
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -77,14 +78,17 @@ def main() -> int:
             for method, device, command in runs:
                 # A fresh interpreter per measurement, so each peak is that run's alone.
                 probe = [sys.executable, "-c", _PROBE, json.dumps(command)]
-                result = json.loads(subprocess.run(probe, capture_output=True, encoding="utf-8", check=True).stdout)
+                completed = subprocess.run(probe, capture_output=True, encoding="utf-8")
+                if completed.returncode != 0:  # the failing command's own message, not a CalledProcessError
+                    raise SystemExit(f"{method} {device} r={factor:g} failed: {completed.stderr.strip()}")
+                result = json.loads(completed.stdout)
                 voxels = sitk.ReadImage(str(output)).GetNumberOfPixels()
                 rows.append((method, device, factor, voxels, result["seconds"], result["peak_gb"]))
                 print(f"{method} {device} r={factor:g}: {voxels / result['seconds'] / 1e6:.3f} Mvoxel/s, "
                       f"peak {result['peak_gb']:.2f} GB", file=sys.stderr)
         size = "x".join(map(str, sitk.ReadImage(str(source)).GetSize()))
 
-    print(f"Input: {size} voxels (real chest CT, LIDC-IDRI-0314, one in every {args.keep_every} of its 1 mm slices); "
+    print(f"Input: {size} voxels (real CT {args.source.name}, one in every {args.keep_every} of its slices); "
           f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
     print("| method | device | r | output voxels | seconds | output voxels/s | peak memory (GB) |")
