@@ -407,7 +407,7 @@ class CycleINRLogic(ScriptedLoadableModuleLogic):
         maxMemoryGB: None for the engine's default. keepAcquiredSlices: None for the default (on).
         matchNoise: add synthetic noise to generated slices up to the acquired slices' noise level.
         flipEnsemble: average with a second pass over the slice-reversed volume (twice the time,
-        +0.05 to +0.18 dB PSNR on the validation CT).
+        +0.04 to +0.14 dB PSNR on the validation CT).
         bf16: bfloat16 arithmetic, 1.7 to 1.9 times faster on a CPU with AMX, PSNR within 0.01 dB.
         outputVolumeNode: None creates a new node. progressCallback(fraction, message) is called
         on every progress report. Raises UpsampleFailed (message + `details`) or UpsampleCancelled.

@@ -39,7 +39,7 @@ def register(commands) -> None:
                              "so that the volume does not flicker from slice to slice (default: off)")
     parser.add_argument("--flip-ensemble", action="store_true",
                         help="average with a second pass over the slice-reversed volume: closer to the truth "
-                             "(+0.05 to +0.18 dB PSNR on the validation CT) for twice the time (default: off)")
+                             "(+0.04 to +0.14 dB PSNR on the validation CT) for twice the time (default: off)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 arithmetic: 1.7 to 1.9 times faster on a CPU with AMX, PSNR within 0.01 dB of the default float32; slower where bfloat16 is emulated (default: off)")
     parser.add_argument("--max-memory", type=float, default=engine.DEFAULT_MAX_MEMORY_GB, metavar="GB",
