@@ -7,6 +7,7 @@ an interrupted run leaves no half-written PNG.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -27,8 +28,21 @@ def _drop_unimportable_backend() -> None:
         del os.environ["MPLBACKEND"]
 
 
+def _import_figure_quietly():
+    """matplotlib logs two warnings when HOME is not writable (a read-only container) and then
+    works from a temporary folder, which serves these figures as well."""
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from matplotlib.figure import Figure
+    finally:
+        log.setLevel(level)
+    return Figure
+
+
 _drop_unimportable_backend()
-from matplotlib.figure import Figure  # noqa: E402
+Figure = _import_figure_quietly()
 
 PANEL_INCHES = 2.4
 

@@ -623,6 +623,18 @@ def test_no_docstrings_and_an_unusable_plot_backend_change_nothing(ct_crop, tmp_
     assert (tmp_path / "p.png").is_file()
 
 
+def test_a_home_that_cannot_be_written_draws_the_plot_without_warnings(ct_crop, tmp_path):
+    """A read-only container: matplotlib finds no folder for its settings and works from a
+    temporary one, which is all these figures need; its two warnings would only alarm."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    environment["HOME"] = os.devnull  # no folder can be made under it, even as root
+    result = subprocess.run([sys.executable, "-m", "CycleINRLib.cli", "snli", str(ct_crop), "--plot", str(tmp_path / "p.png")],
+                            capture_output=True, cwd=REPO, timeout=300, encoding="utf-8", env=environment)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert (tmp_path / "p.png").is_file()
+
+
 def test_the_installed_command_is_the_one_readme_runs(ct_crop, tmp_path):
     """README's examples call the `cycleinr` script that installing the package makes, not
     `python -m CycleINRLib.cli`."""
