@@ -9,6 +9,8 @@ or cancelled run leaves no partial results.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -187,13 +189,25 @@ def _volume_range(path: Path, truth, value_range: tuple[float, float] | None) ->
 def _draw(result, name: str, folder: Path) -> None:
     from .figures import profile_figure, save_figure, views_figure  # matplotlib: not at every command's start
 
-    stem = f"{name}_{result.degradation}_{result.case.label.replace(':', '-')}"
+    stem = _picture_stem(name, f"_{result.degradation}_{result.case.label.replace(':', '-')}")
     title = f"{readable(name)}, {result.degradation} {result.case.label}"
     save_figure(views_figure(result, title), folder / f"{stem}_views.png")
     methods = {row["method"]: result.profiles[row["method"]] for row in result.rows}
     slice_spacing = next(iter(result.view_spacing.values()))[0]
     save_figure(profile_figure(methods, slice_spacing, f"{title}: per-slice noise level",
                                reference=result.profiles["truth"]), folder / f"{stem}_noise.png")
+
+
+def _picture_stem(name: str, tail: str) -> str:
+    """`name` + `tail`, short enough for "_views.png" to end a file name of at most 255 bytes:
+    a long name keeps its start and gains a hash of the whole, so that pictures stay apart."""
+    longest = 255 - len(os.fsencode(f"{tail}_views.png"))
+    if len(os.fsencode(name)) > longest:
+        digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:8]
+        while len(os.fsencode(name)) > longest - len(digest) - 1:
+            name = name[:-1]
+        name = f"{name}~{digest}"
+    return name + tail
 
 
 MIN_RELATIVE_RANGE_WIDTH = 1e-6
@@ -280,16 +294,37 @@ def _check_output_dir(name: str, overwrite: bool) -> Path:
 
 
 def _publish(staging: Path, output_dir: Path) -> None:
-    """Move the finished files into place: the whole folder at once when it is new."""
+    """Move the finished files into place: the whole folder at once when it is new; into an
+    existing one file by file, keeping the files they replace aside until all are in, so that
+    a failure or a cancel on the way puts the folder back as it was, not half old, half new."""
     if not output_dir.exists():
         os.replace(staging, output_dir)
         return
-    folders = [item.name for item in staging.iterdir() if (output_dir / item.name).is_dir()]
+    names = sorted(item.name for item in staging.iterdir())
+    folders = [name for name in names if (output_dir / name).is_dir()]
     if folders:  # refused before anything is replaced: no half-published results
         raise InputError(f"{output_dir}: holds folders where evaluate writes files ({', '.join(folders)}); "
                          "move them or choose another output folder")
-    for item in staging.iterdir():
-        os.replace(item, output_dir / item.name)
+    previous = staging / partial_name("previous")  # staging lies inside output_dir: renames, not copies
+    previous.mkdir()
+    started = []
+    try:
+        for name in names:
+            started.append(name)
+            if os.path.lexists(output_dir / name):
+                os.replace(output_dir / name, previous / name)
+            os.replace(staging / name, output_dir / name)
+    except BaseException as error:
+        for name in reversed(started):
+            with contextlib.suppress(OSError):
+                if not (staging / name).exists():  # the new file went in: take it out again
+                    os.replace(output_dir / name, staging / name)
+                if os.path.lexists(previous / name):
+                    os.replace(previous / name, output_dir / name)
+        if isinstance(error, OSError):
+            raise InputError(f"{output_dir / started[-1]}: cannot be replaced ({error.strerror or error}); "
+                             f"{output_dir} is left as it was") from None
+        raise
 
 
 def _notes(degradations, methods, truths, ranges, lpips: bool, lpips_reason: str) -> list[str]:

@@ -301,5 +301,10 @@ def markdown_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
         cells += [cell["lpips_generated"]] if with_lpips else []
         cells += [cell["psnr_all"], cell["ssim_all"], f"{cell['snli']} ({cell['snli_truth']})",
                   f"{cell['noise_mean']} ({cell['noise_mean_truth']})", cell["seconds"]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_table_cell(cell) for cell in cells) + " |")
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
+
+
+def _table_cell(text: str) -> str:
+    """A volume's name may hold `|` or a line break, which would split the table's row."""
+    return " ".join(text.splitlines()).replace("|", "\\|")

@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from .evaluate import CaseResult
-from .io import atomic_output
+from .io import FLOAT32_MAX, atomic_output
 from .metrics import snli
 
 
@@ -90,6 +90,10 @@ def views_figure(result: CaseResult, title: str) -> Figure:
                     layout="constrained")
     axes = figure.subplots(len(row_heights), len(columns), squeeze=False, height_ratios=row_heights)
     for row, (view, crops) in enumerate(result.views.items()):
+        # in float64, a cubic overshoot past float32's largest shown at it: differences of values
+        # near 3.4e38 overflow float32, and one of inf spoils the error map's scale
+        crops = {name: np.nan_to_num(crop.astype(np.float64), posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
+                 for name, crop in crops.items()}
         aspect = result.view_spacing[view][0] / result.view_spacing[view][1]
         low, high = np.percentile(crops["truth"], [1, 99])
         errors = {m: np.abs(crops[m] - crops["truth"]) for m in methods}

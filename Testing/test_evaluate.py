@@ -198,6 +198,88 @@ def test_evaluate_replaces_nothing_when_a_folder_stands_where_it_writes_a_file(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.nii.gz"]  # no staging folder left
 
 
+@pytest.mark.parametrize("interruption", [PermissionError(1, "Operation not permitted"), KeyboardInterrupt()])
+def test_evaluate_puts_an_existing_folder_back_when_replacing_its_files_stops_halfway(tmp_path, capsys, monkeypatch,
+                                                                                    interruption):
+    """Results go into an existing folder file by file: a file that cannot be replaced (an
+    immutable one) or a Ctrl-C after some are in must leave the earlier results whole, not a
+    CSV of this run beside a table of the last."""
+    volume, out = tmp_path / "v.nii.gz", tmp_path / "out"
+    write_volume(Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), volume)
+    arguments = ["evaluate", str(volume), "-o", str(out), "--methods", "linear", "--cases", "2:2", "--overwrite"]
+    assert main(arguments) == 0
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert len(earlier) >= 3
+    for path in out.iterdir():
+        path.write_bytes(b"earlier " + path.name.encode())  # every file told apart from this run's
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    replace, published, stopped = os.replace, [], []
+
+    def stops_at_the_third_file(source, target):  # once: putting the folder back uses os.replace too
+        if ".partial-" in str(source) and Path(target).parent == out and not stopped:
+            if len(published) == 2:
+                stopped.append(Path(target).name)
+                raise interruption
+            published.append(Path(target).name)
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", stops_at_the_third_file)
+    if isinstance(interruption, KeyboardInterrupt):
+        assert main(arguments) == 130
+    else:
+        assert main(arguments) == 2
+        stderr = capsys.readouterr().err.strip().splitlines()
+        assert len(stderr) == 1 and "cannot be replaced (Operation not permitted)" in stderr[0]
+        assert f"{out} is left as it was" in stderr[0]
+    assert len(published) == 2 and stopped  # two of this run's files had gone in before the stop
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.nii.gz"]
+
+
+def test_a_pipe_given_as_the_volume_is_refused_not_waited_on(tmp_path):
+    """ITK would open a named pipe and wait for a writer forever, deaf to Ctrl-C."""
+    pipe = tmp_path / "scan.nii"
+    os.mkfifo(pipe)
+    for command in (["evaluate", pipe, "-o", tmp_path / "out", "--methods", "linear"], ["snli", pipe],
+                    ["upsample", pipe, tmp_path / "o.nii.gz", "--factor", "2"]):
+        result = cli(*command)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [f"cycleinr: error: {pipe}: neither a file nor a folder (a pipe or a "
+                                                       "device); give a volume file or a DICOM folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii"]
+
+
+def test_odd_volume_names_give_whole_tables_and_pictures_that_fit_a_file_name(tmp_path):
+    """A name of 240 characters would make picture names past the 255 bytes a file name may
+    have; `|` or a line break in a name would split the Markdown table's row."""
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    truth = Volume(noisy_truth(slices=11, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    names = ["v" * 240 + "a", "v" * 240 + "b", "a|b", "new\nline"]  # the first two differ only at the end
+    for name in names:
+        write_volume(truth, folder / f"{name}.nii.gz")
+    result = cli("evaluate", folder, "-o", tmp_path / "out", "--methods", "linear", "--cases", "2:2")
+    assert result.returncode == 0, result.stderr
+    pictures = [path.name for path in (tmp_path / "out").glob("*.png")]
+    assert len(pictures) == 2 * len(names) and all(len(os.fsencode(name)) <= 255 for name in pictures)
+    rows = [line for line in (tmp_path / "out" / "results.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(names) + 1  # header, rule, one row a volume, their mean
+    assert len({line.replace("\\|", "").count("|") for line in rows}) == 1
+    assert any(line.startswith("| a\\|b |") for line in rows) and any(line.startswith("| new line |") for line in rows)
+
+
+def test_values_near_float32s_largest_draw_their_pictures_without_warnings(tmp_path):
+    truth = noisy_truth(slices=11, size=16).astype(np.float32)
+    extreme = np.where(truth > np.median(truth), 3.3e38, -3.3e38).astype(np.float32)
+    volume = write_volume(Volume(extreme, (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), tmp_path / "v.mha")
+    result = cli("evaluate", volume, "-o", tmp_path / "out", "--range", "truth", "--methods", "linear", "cubic",
+                 "--cases", "2:2")
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
 SCALES = (1.0, 2.0**-40, 2.0**30, 2.0**100)  # powers of two: the same numbers in another unit, exactly
 
 
