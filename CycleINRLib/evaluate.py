@@ -87,6 +87,8 @@ def parse_case(text: str) -> Case:
     """
     try:
         keep_text, factor_text = text.split(":")
+        if "_" in text:  # int() and float() take 2_0 for 20
+            raise ValueError
         keep_every, factor = int(keep_text), float(factor_text)
     except ValueError:
         raise InputError(f"case {text!r} must be k:r, e.g. 5:2.5 (keep every k-th slice, upsample by r)") from None

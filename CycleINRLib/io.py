@@ -71,7 +71,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     series it belongs to, from its folder) as a validated 3D scalar volume."""
     path = check_name_encoding(path)
     if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
+        raise InputError(f"{path}: {'a link that loops or points to nothing' if path.is_symlink() else 'no such file or folder'}")
     if not (path.is_file() or path.is_dir()):  # ITK would wait forever for a pipe's writer, past Ctrl-C
         raise InputError(f"{path}: neither a file nor a folder (a pipe or a device); give a volume file or a DICOM folder")
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):

@@ -60,7 +60,7 @@ def test_baselines_keep_integer_dtype_and_acquired_slices():
 def test_cases_are_parsed_and_refused_with_a_reason():
     assert parse_case("5:2.5") == Case(5, 2.5) and parse_case("5:2.5").step == 2
     assert parse_case("3:3").label == "3:3"
-    for text, reason in [("5:2", "whole number"), ("5", "k:r"), ("a:2", "k:r"), ("1:1", "at least 2"),
+    for text, reason in [("5:2", "whole number"), ("5", "k:r"), ("a:2", "k:r"), ("1:1", "at least 2"), ("2_0:2", "k:r"),
                          ("4:0.5", "case 4:0.5: factor must be greater than 1"),
                          ("2:1.0000000001", "case 2:1.0000000001: factor must be greater than 1, not 1"),  # r = 2/2
                          ("4:1.3333333", "k / r = 3.000000075 must be a whole number")]:
@@ -248,6 +248,10 @@ def test_a_pipe_given_as_the_volume_is_refused_not_waited_on(tmp_path):
         assert result.stderr.strip().splitlines() == [f"cycleinr: error: {pipe}: neither a file nor a folder (a pipe or a "
                                                        "device); give a volume file or a DICOM folder"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii"]
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    result = cli("snli", loop)
+    assert result.returncode == 2 and result.stderr.strip() == f"cycleinr: error: {loop}: a link that loops or points to nothing"
 
 
 def test_odd_volume_names_give_whole_tables_and_pictures_that_fit_a_file_name(tmp_path):
