@@ -73,6 +73,8 @@ def read_description(path: Path) -> dict:
     if not path.is_file():
         if path.is_symlink():  # moved, or a link that leads back to itself
             raise WeightsError(f"{path}: a link to {os.readlink(path)}, which is not there or loops back")
+        if path.exists():  # a pipe or a device
+            raise WeightsError(f"{path}: neither a file nor a folder (a pipe or a device); give a .safetensors file")
         raise WeightsError(f"{path}: weights file not found")
     if not os.access(path, os.R_OK):
         raise WeightsError(f"{path}: permission denied")

@@ -224,11 +224,11 @@ def _parse_range(text: str) -> tuple[float, float] | None:
         low, high = (float(value) for value in text.split(":"))
     except ValueError:
         raise InputError(f"--range {text!r} must be ct, truth or LOW:HIGH") from None
-    if not high > low:
-        raise InputError(f"--range {text}: HIGH must be greater than LOW")
-    if not max(abs(low), abs(high)) <= FLOAT32_MAX:  # also inf and nan
+    if not max(abs(low), abs(high)) <= FLOAT32_MAX:  # also inf and nan; before the order, which nan has not
         raise InputError(f"--range {text}: LOW and HIGH must be finite and within -{FLOAT32_MAX:.3g} to "
                          f"{FLOAT32_MAX:.3g}, single precision, in which the metrics compute")
+    if not high > low:
+        raise InputError(f"--range {text}: HIGH must be greater than LOW")
     if not _resolvable(low, high):
         raise InputError(f"--range {text}: too narrow for the metrics' single precision; rescale the volumes")
     return low, high

@@ -152,6 +152,7 @@ def test_commands_refuse_bad_input_in_one_line_and_write_nothing(tmp_path, capsy
          "argument --range: expected one argument (a value that starts with '-' is written --range=VALUE)"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:inf"), "finite and within -3.4e+38 to 3.4e+38"),
         (("evaluate", volume, "-o", tmp_path / "out", "--range", "0:1e39"), "finite and within -3.4e+38 to 3.4e+38"),
+        (("evaluate", volume, "-o", tmp_path / "out", "--range", "nan:1"), "finite and within -3.4e+38 to 3.4e+38"),
         (("evaluate", huge, "-o", tmp_path / "out", "--methods", "linear"),
          "its values reach 6.24e+302, beyond 3.4e+38, the largest magnitude of single precision"),
         (("snli", huge), "its values reach 6.24e+302, beyond 3.4e+38"),
@@ -248,6 +249,12 @@ def test_a_pipe_given_as_the_volume_is_refused_not_waited_on(tmp_path):
         assert result.stderr.strip().splitlines() == [f"cycleinr: error: {pipe}: neither a file nor a folder (a pipe or a "
                                                        "device); give a volume file or a DICOM folder"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii"]
+    volume = write_volume(Volume(noisy_truth(slices=5, size=16), (1.0, 1.0, 2.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                          tmp_path / "v.nii.gz")
+    result = cli("upsample", volume, tmp_path / "o.nii.gz", "--factor", "2", "--weights", pipe)
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        f"{pipe}: neither a file nor a folder (a pipe or a device); give a .safetensors file"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii", "v.nii.gz"]
     loop = tmp_path / "loop.nii.gz"
     loop.symlink_to(loop)
     result = cli("snli", loop)
